@@ -1,0 +1,344 @@
+"""ADMM pruning (Zhang et al., ECCV 2018), then hard prune and masked retraining.
+
+The problem ``minimize L(W) s.t. W in S`` is split with a copy Z of the
+prunable weights, ``minimize L(W) + g_S(Z) s.t. W = Z`` (g_S the indicator of
+the budget set S), and solved with scaled-dual ADMM:
+
+    W-step:  W <- approx argmin_W  L(W) + rho/2 ||W - Z + U||^2
+             (``epochs_per_iteration`` epochs of any optax optimizer)
+    Z-step:  Z <- Proj_S(W + U)          (exact, analytic; see ``projections``)
+    U-step:  U <- U + W - Z
+
+with residuals ``r = ||W - Z||`` (primal) and ``s = rho ||Z - Z_prev||``
+(dual) recorded every iteration (Boyd et al., 2011, section 3.3). When rho
+changes the scaled dual is rescaled, ``U <- U rho_old / rho_new``, so the
+unscaled multiplier ``rho U`` is unchanged (Boyd et al., section 3.4.1).
+
+After the last iteration W is hard-pruned to the support of ``Proj_S(W)`` and
+retrained with that mask fixed; pruned weights stay exactly zero.
+
+References:
+    T. Zhang et al., "A Systematic DNN Weight Pruning Framework using
+    Alternating Direction Method of Multipliers", ECCV 2018.
+    S. Boyd et al., "Distributed Optimization and Statistical Learning via
+    the Alternating Direction Method of Multipliers", FnT ML 2011.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from admmprune._tree import PyTree, apply_masks, sq_norm
+from admmprune.budgets import Budget
+from admmprune.results import PruneResult, layer_stats
+from admmprune.training import LossFn, check_batch_size, run_epoch, train
+
+EvalFn = Callable[[PyTree], Mapping[str, float]]
+Callback = Callable[[dict[str, Any]], None]
+Compensate = Callable[[PyTree, PyTree], PyTree]
+
+
+class AdmmState(NamedTuple):
+    """Everything an ADMM run carries between iterations (a checkpointable pytree).
+
+    Attributes:
+        params: the current W.
+        opt_state: the W-step optimizer's state.
+        z: the projected copy Z (same structure as params).
+        u: the scaled dual variable U.
+        rho: the current penalty (scalar array).
+        iteration: ADMM iterations completed (scalar int array).
+        key: PRNG key for the next shuffles.
+    """
+
+    params: PyTree
+    opt_state: Any
+    z: PyTree
+    u: PyTree
+    rho: jax.Array
+    iteration: jax.Array
+    key: jax.Array
+
+
+def _zeros_like(tree: PyTree) -> PyTree:
+    return jax.tree.map(jnp.zeros_like, tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class ADMM:
+    """ADMM pruning solver: a frozen configuration; :meth:`run` returns a result.
+
+    Args:
+        budget: the budget set S (e.g. ``ParamBudget(keep=0.02)``).
+        optimizer: the W-step's optax optimizer (any GradientTransformation).
+        rho: initial penalty.
+        rho_growth: multiply rho by this after every iteration (1 = constant;
+            1.1-2 is the usual geometric growth that makes W meet Z).
+        rho_max: upper bound on rho.
+        iterations: maximum number of ADMM iterations.
+        epochs_per_iteration: W-step epochs per iteration.
+        tol: stop early when both relative residuals ``||W - Z|| / ||W||``
+            and ``||Z - Z_prev|| / ||W||`` fall below it (None: never).
+        retrain_epochs: masked retraining epochs after the hard prune.
+        retrain_optimizer: optimizer for retraining (default: ``optimizer``).
+        batch_size: minibatch size.
+        compensate: optional ``compensate(params, masks) -> params`` applied
+            at the hard prune instead of plain zeroing (e.g. OBS); its
+            output is masked again, so it cannot revive pruned weights.
+    """
+
+    budget: Budget
+    optimizer: optax.GradientTransformation
+    rho: float = 1e-3
+    rho_growth: float = 1.0
+    rho_max: float = math.inf
+    iterations: int = 10
+    epochs_per_iteration: int = 1
+    tol: float | None = None
+    retrain_epochs: int = 5
+    retrain_optimizer: optax.GradientTransformation | None = None
+    batch_size: int = 128
+    compensate: Compensate | None = None
+
+    def __post_init__(self) -> None:
+        if not (self.rho > 0 and math.isfinite(self.rho)):
+            raise ValueError(f"rho must be positive and finite, got {self.rho}.")
+        if self.rho_growth < 1:
+            raise ValueError(f"rho_growth must be >= 1 (1 = constant), got {self.rho_growth}.")
+        if self.rho_max < self.rho:
+            raise ValueError(f"rho_max={self.rho_max} is below rho={self.rho}.")
+        for name in ("iterations", "epochs_per_iteration", "retrain_epochs"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {v!r}.")
+        if self.tol is not None and self.tol <= 0:
+            raise ValueError(f"tol must be positive or None, got {self.tol}.")
+
+    @property
+    def epochs(self) -> int:
+        """Total training epochs: W-steps plus retraining (at most; tol may stop early)."""
+        return self.iterations * self.epochs_per_iteration + self.retrain_epochs
+
+    def rho_at(self, iteration: int) -> float:
+        """The penalty used in iteration ``iteration`` (0-based)."""
+        return min(self.rho * self.rho_growth**iteration, self.rho_max)
+
+    # ---------------------------------------------------------------- pieces
+    def init(self, params: PyTree, key: jax.Array) -> AdmmState:
+        """Initial state: ``Z = Proj_S(W)``, ``U = 0``, fresh optimizer state."""
+        z = apply_masks(params, self.budget.mask(params))
+        return AdmmState(
+            params=params,
+            opt_state=self.optimizer.init(params),
+            z=z,
+            u=_zeros_like(params),
+            rho=jnp.asarray(self.rho, jnp.float32),
+            iteration=jnp.asarray(0, jnp.int32),
+            key=key,
+        )
+
+    def update(
+        self, state: AdmmState, loss_fn: LossFn, data: PyTree
+    ) -> tuple[AdmmState, dict[str, Any]]:
+        """One ADMM iteration: W-step epochs, Z-step, U-step, rho update.
+
+        Returns:
+            The new state and the iteration's record: ``loss`` (mean training
+            loss over the W-step), ``primal_residual`` ``||W - Z||``,
+            ``dual_residual`` ``rho ||Z - Z_prev||``, their values relative to
+            ``||W||``, ``rho`` (the penalty used) and ``support_change``
+            (the fraction of prunable weights whose membership in Z's support
+            changed).
+        """
+        flags = self.budget.prunable(state.params)
+        params, opt_state, key = state.params, state.opt_state, state.key
+        rho = state.rho
+        losses = []
+        for _ in range(self.epochs_per_iteration):
+            key, sub = jax.random.split(key)
+            params, opt_state, stats = run_epoch(
+                params,
+                opt_state,
+                data,
+                sub,
+                loss_fn=loss_fn,
+                optimizer=self.optimizer,
+                batch_size=self.batch_size,
+                kind="admm",
+                aux=(state.z, state.u, rho),
+                flags=tuple(flags),
+            )
+            losses.append(stats.loss)
+        z_new, u_new, figures = _z_and_u_step(params, state.z, state.u, rho, self.budget, flags)
+        it = int(state.iteration)
+        next_rho = self.rho_at(it + 1)
+        scale = float(rho) / next_rho
+        if scale != 1.0:
+            u_new = jax.tree.map(lambda a: a * scale, u_new)
+        new_state = AdmmState(
+            params, opt_state, z_new, u_new, jnp.asarray(next_rho, jnp.float32),
+            jnp.asarray(it + 1, jnp.int32), key,
+        )
+        record = {
+            "phase": "admm",
+            "iteration": it + 1,
+            "loss": sum(losses) / max(len(losses), 1),
+            "rho": float(rho),
+            **{k: float(v) for k, v in figures.items()},
+        }
+        return new_state, record
+
+    def converged(self, record: Mapping[str, Any]) -> bool:
+        """Whether an iteration's relative residuals are both below ``tol``."""
+        return (
+            self.tol is not None
+            and record["primal_relative"] <= self.tol
+            and record["dual_relative"] <= self.tol
+        )
+
+    # ------------------------------------------------------------------- run
+    def run(
+        self,
+        params: PyTree,
+        loss_fn: LossFn,
+        data: PyTree,
+        *,
+        key: jax.Array,
+        eval_fn: EvalFn | None = None,
+        callback: Callback | None = None,
+        state: AdmmState | None = None,
+        on_iteration: Callable[[AdmmState], None] | None = None,
+    ) -> PruneResult:
+        """Runs ADMM, the hard prune and masked retraining.
+
+        Args:
+            params: trained (dense) parameters, any pytree of arrays.
+            loss_fn: ``loss_fn(params, batch) -> scalar``; jit-traceable.
+            data: pytree of training arrays with a common leading axis,
+                e.g. ``(x, y)``; minibatches are drawn from it.
+            key: PRNG key (the run is deterministic given it).
+            eval_fn: ``eval_fn(params) -> {"accuracy": ...}``, called after
+                every ADMM iteration (on W and on ``Proj_S(W)``, the latter
+                prefixed ``pruned_``), after the hard prune and after every
+                retraining epoch.
+            callback: called with every history record as it is made.
+            state: an :class:`AdmmState` to resume from (e.g. a checkpoint);
+                ``params`` is then ignored.
+            on_iteration: called with the state after every ADMM iteration
+                (e.g. to save a checkpoint).
+
+        Returns:
+            A :class:`PruneResult`; ``state`` holds the final ADMM state.
+        """
+        start = time.perf_counter()
+        check_batch_size(data, self.batch_size)
+        history: list[dict[str, Any]] = []
+
+        def emit(record: dict[str, Any]) -> None:
+            history.append(record)
+            if callback is not None:
+                callback(record)
+
+        if state is None:
+            key, sub = jax.random.split(key)
+            state = self.init(params, sub)
+        converged = None if self.tol is None else False
+        epochs = 0
+        while int(state.iteration) < self.iterations:
+            state, record = self.update(state, loss_fn, data)
+            epochs += self.epochs_per_iteration
+            if eval_fn is not None:
+                record.update({k: float(v) for k, v in eval_fn(state.params).items()})
+                record.update(
+                    {f"pruned_{k}": float(v) for k, v in eval_fn(state.z).items()}
+                )
+            emit(record)
+            if on_iteration is not None:
+                on_iteration(state)
+            if self.converged(record):
+                converged = True
+                break
+
+        masks = self.budget.mask(state.params)
+        pruned = apply_masks(state.params, masks)
+        if self.compensate is not None:
+            pruned = apply_masks(self.compensate(pruned, masks), masks)
+        record = {"phase": "prune", "iteration": int(state.iteration)}
+        if eval_fn is not None:
+            record.update({k: float(v) for k, v in eval_fn(pruned).items()})
+        emit(record)
+
+        key, sub = jax.random.split(key)
+        pruned, retrain_history = train(
+            pruned,
+            loss_fn,
+            data,
+            optimizer=self.retrain_optimizer or self.optimizer,
+            epochs=self.retrain_epochs,
+            batch_size=self.batch_size,
+            key=sub,
+            masks=masks,
+            eval_fn=eval_fn,
+            callback=callback,
+            phase="retrain",
+        )
+        history.extend(retrain_history)
+        epochs += self.retrain_epochs
+        flags = self.budget.prunable(pruned)
+        return PruneResult(
+            params=pruned,
+            masks=masks,
+            layers=layer_stats(pruned, flags),
+            history=history,
+            method="admm",
+            budget=self.budget.describe(),
+            wall_seconds=time.perf_counter() - start,
+            epochs=epochs,
+            converged=converged,
+            state=state,
+        )
+
+
+def _z_and_u_step(
+    w: PyTree, z_prev: PyTree, u: PyTree, rho: jax.Array, budget: Budget, flags: list[bool]
+) -> tuple[PyTree, PyTree, dict[str, jax.Array]]:
+    """Z <- Proj_S(W + U), U <- U + W - Z, and the residuals, on prunable leaves."""
+    treedef = jax.tree.structure(w)
+    wl, zl, ul = (treedef.flatten_up_to(t) for t in (w, z_prev, u))
+    v = jax.tree.unflatten(
+        treedef, [wi + ui if f else wi for wi, ui, f in zip(wl, ul, flags, strict=True)]
+    )
+    masks = budget.mask(v)
+    z = apply_masks(v, masks)
+    zl_new = treedef.flatten_up_to(z)
+    u_new = jax.tree.unflatten(
+        treedef,
+        [ui + wi - zi if f else ui for ui, wi, zi, f in zip(ul, wl, zl_new, flags, strict=True)],
+    )
+    diff = jax.tree.map(jnp.subtract, w, z)
+    step = jax.tree.map(jnp.subtract, z, z_prev)
+    w_norm = jnp.sqrt(sq_norm(w, flags))
+    primal = jnp.sqrt(sq_norm(diff, flags))
+    dz = jnp.sqrt(sq_norm(step, flags))
+    support = [
+        jnp.sum((a != 0) != (b != 0))
+        for a, b, f in zip(zl_new, zl, flags, strict=True)
+        if f
+    ]
+    total = sum(a.size for a, f in zip(wl, flags, strict=True) if f)
+    figures = {
+        "primal_residual": primal,
+        "dual_residual": rho * dz,
+        "primal_relative": primal / jnp.maximum(w_norm, 1e-30),
+        "dual_relative": dz / jnp.maximum(w_norm, 1e-30),
+        "support_change": sum(support) / total,
+    }
+    return z, u_new, figures

@@ -1,0 +1,263 @@
+"""Budgets: what a pruned network is allowed to keep.
+
+A budget is a frozen description of the set S in ``minimize L(W) s.t. W in S``.
+It resolves against a concrete parameter pytree (shapes and names only, so it
+works under ``jax.jit``) and produces the mask of the Euclidean projection onto
+S. Every sparsity projection keeps a subset of entries and zeros the rest, so a
+budget's one job is ``mask(params)``; :func:`admmprune.project` applies it.
+
+Energy budgets (a knapsack over per-weight costs) and structured budgets plug
+into the same seam: anything with ``mask(params)`` and ``relax(t)`` is a
+:class:`Budget`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import jax
+import numpy as np
+
+from admmprune._tree import PrunableFilter, PyTree, path_name, prunable_flags
+from admmprune.projections import topk_masks
+
+
+class BudgetError(ValueError):
+    """A budget that no pruned network can meet, or that names nothing."""
+
+
+@runtime_checkable
+class Budget(Protocol):
+    """What every budget provides: a projection mask and a relaxed copy."""
+
+    def mask(self, params: PyTree) -> PyTree:
+        """Boolean pytree: the support of the Euclidean projection of ``params``."""
+        ...
+
+    def relax(self, t: float) -> Budget:
+        """The budget a fraction ``t`` of the way from dense (0) to this one (1)."""
+        ...
+
+    def prunable(self, params: PyTree) -> list[bool]:
+        """Which leaves (in ``jax.tree.leaves`` order) the budget may prune."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-ready description, for reports."""
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedGroup:
+    """One top-k problem: keep ``k`` entries over the listed leaves jointly."""
+
+    leaves: tuple[int, ...]
+    k: int
+
+
+def _largest_remainder(total: int, sizes: list[int]) -> list[int]:
+    """Splits ``total`` in proportion to ``sizes``, summing exactly to ``total``.
+
+    Hamilton's method: floor every share, then hand the remaining units to the
+    largest fractional parts (ties to the earlier layer). No share exceeds its
+    size because ``total <= sum(sizes)``.
+    """
+    n = sum(sizes)
+    if n == 0:
+        return [0] * len(sizes)
+    exact = [total * s / n for s in sizes]
+    shares = [min(math.floor(e), s) for e, s in zip(exact, sizes, strict=True)]
+    order = sorted(range(len(sizes)), key=lambda i: (-(exact[i] - shares[i]), i))
+    left = total - sum(shares)
+    for i in order:
+        if left == 0:
+            break
+        if shares[i] < sizes[i]:
+            shares[i] += 1
+            left -= 1
+    return shares
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamBudget:
+    """A parameter budget: at most ``k`` nonzero prunable weights.
+
+    Say how much with exactly one of
+
+    * ``keep``: the fraction of prunable weights kept, in [0, 1]
+      (``k = round(keep * N)``);
+    * ``count``: the number of prunable weights kept, in [0, N];
+    * ``per_layer``: a map from layer name to a kept fraction (float) or count
+      (int). A key names a leaf (``"fc1/kernel"``) or a prefix of leaf names
+      (``"fc1"``); every key must match at least one prunable leaf. Prunable
+      leaves that no key names are kept dense.
+
+    and where with ``allocation``:
+
+    * ``"global"`` (default): one top-k over all prunable weights jointly,
+      ``S = {W : ||W||_0 <= k}``;
+    * ``"uniform"``: the same kept fraction in every prunable leaf,
+      ``S = {W : ||W_l||_0 <= k_l}``, with ``k_l`` proportional to the leaf's
+      size and summing exactly to ``k`` (largest-remainder rounding).
+
+    ``prunable(name, leaf) -> bool`` chooses which leaves may be pruned; by
+    default kernels and weight matrices (two or more dimensions), not biases
+    or norm parameters.
+
+    The projection onto S is top-k by magnitude per group (Zhang et al., ECCV
+    2018, section 3); see :func:`admmprune.projections.topk_masks`.
+
+    Examples:
+        >>> ParamBudget(keep=0.02)                      # 2% kept, globally
+        >>> ParamBudget(count=5324, allocation="uniform")
+        >>> ParamBudget(per_layer={"fc1": 0.08, "fc2": 0.09, "fc3": 0.26})
+    """
+
+    keep: float | None = None
+    count: int | None = None
+    per_layer: Mapping[str, float | int] | None = None
+    allocation: Literal["global", "uniform"] = "global"
+    prunable_filter: PrunableFilter | None = dataclasses.field(default=None, compare=False)
+    progress: float = 1.0
+
+    def __post_init__(self) -> None:
+        given = [n for n in ("keep", "count", "per_layer") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise BudgetError(
+                "ParamBudget takes exactly one of keep=, count= or per_layer= "
+                f"(got {', '.join(given) or 'none'}); e.g. ParamBudget(keep=0.02)."
+            )
+        if self.keep is not None:
+            _check_fraction("keep", self.keep)
+        if self.count is not None:
+            if isinstance(self.count, bool) or not isinstance(self.count, int | np.integer):
+                raise BudgetError(f"count must be an integer, got {self.count!r}.")
+            if self.count < 0:
+                raise BudgetError(f"count must be >= 0, got {self.count}.")
+        if self.allocation not in ("global", "uniform"):
+            raise BudgetError(
+                f"allocation must be 'global' or 'uniform', got {self.allocation!r}."
+            )
+        if self.per_layer is not None:
+            if not self.per_layer:
+                raise BudgetError("per_layer is empty; name at least one layer.")
+            for name, v in self.per_layer.items():
+                if isinstance(v, bool) or not isinstance(v, int | float | np.number):
+                    raise BudgetError(f"per_layer[{name!r}] must be a number, got {v!r}.")
+                if isinstance(v, float):
+                    _check_fraction(f"per_layer[{name!r}]", v)
+                elif v < 0:
+                    raise BudgetError(f"per_layer[{name!r}] must be >= 0, got {v}.")
+            # Frozen and hashable: store the map as a sorted tuple-backed dict copy.
+            object.__setattr__(self, "per_layer", dict(sorted(self.per_layer.items())))
+
+    # ------------------------------------------------------------------ resolve
+    def prunable(self, params: PyTree) -> list[bool]:
+        """Which leaves (in ``jax.tree.leaves`` order) this budget may prune."""
+        return prunable_flags(params, self.prunable_filter)
+
+    def resolve(self, params: PyTree) -> tuple[ResolvedGroup, ...]:
+        """The top-k groups this budget means for ``params`` (shapes only).
+
+        Raises:
+            BudgetError: when the budget exceeds the prunable weights, or a
+                ``per_layer`` key matches no prunable leaf.
+        """
+        flat = jax.tree_util.tree_flatten_with_path(params)[0]
+        names = [path_name(p) for p, _ in flat]
+        sizes = [int(np.prod(np.shape(leaf))) for _, leaf in flat]
+        flags = self.prunable(params)
+        idx = [i for i, f in enumerate(flags) if f]
+        total = sum(sizes[i] for i in idx)
+        if not idx:
+            raise BudgetError(
+                "no prunable leaves: the filter selected none of "
+                f"{names[:8]}{'...' if len(names) > 8 else ''}; pass prunable_filter=."
+            )
+        if self.per_layer is not None:
+            return self._resolve_per_layer(names, sizes, idx)
+        k = self.count if self.count is not None else round(self.keep * total)
+        if k > total:
+            raise BudgetError(
+                f"count={k} exceeds the {total} prunable weights; "
+                f"use a count in [0, {total}] or keep= in [0, 1]."
+            )
+        k = _relaxed(int(k), total, self.progress)
+        if self.allocation == "global":
+            return (ResolvedGroup(tuple(idx), k),)
+        shares = _largest_remainder(int(k), [sizes[i] for i in idx])
+        return tuple(ResolvedGroup((i,), s) for i, s in zip(idx, shares, strict=True))
+
+    def _resolve_per_layer(
+        self, names: list[str], sizes: list[int], idx: list[int]
+    ) -> tuple[ResolvedGroup, ...]:
+        groups: dict[int, ResolvedGroup] = {}
+        for key, v in self.per_layer.items():
+            hits = [i for i in idx if names[i] == key or names[i].startswith(key + "/")]
+            if not hits:
+                prunable_names = [names[i] for i in idx]
+                raise BudgetError(
+                    f"per_layer key {key!r} matches no prunable leaf; "
+                    f"prunable leaves are {prunable_names}."
+                )
+            n = sum(sizes[i] for i in hits)
+            k = round(v * n) if isinstance(v, float) else int(v)
+            if k > n:
+                raise BudgetError(
+                    f"per_layer[{key!r}]={v} keeps more than the {n} weights of "
+                    f"{[names[i] for i in hits]}; use at most {n}."
+                )
+            shares = _largest_remainder(_relaxed(k, n, self.progress), [sizes[i] for i in hits])
+            for i, s in zip(hits, shares, strict=True):
+                if i in groups:
+                    raise BudgetError(
+                        f"leaf {names[i]!r} is named by more than one per_layer key."
+                    )
+                groups[i] = ResolvedGroup((i,), s)
+        return tuple(groups[i] for i in sorted(groups))
+
+    # ------------------------------------------------------------------ project
+    def mask(self, params: PyTree) -> PyTree:
+        """The support of the Euclidean projection of ``params`` onto S.
+
+        Pure and traceable (the resolution uses shapes only); leaves that are
+        not pruned get an all-True mask.
+        """
+        return topk_masks(params, self.resolve(params))
+
+    def relax(self, t: float) -> ParamBudget:
+        """The budget a fraction ``t`` of the way from dense (0) to this (1).
+
+        Every group's kept fraction interpolates geometrically,
+        ``f_t = f ** t`` (so ``k_t = round(n * (k / n) ** t)``), the schedule of
+        iterative magnitude pruning (Han et al., NeurIPS 2015).
+        """
+        _check_fraction("t", t)
+        return dataclasses.replace(self, progress=float(t))
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready description of the budget, for reports."""
+        out: dict[str, Any] = {"type": "param", "allocation": self.allocation}
+        for name in ("keep", "count"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        if self.per_layer is not None:
+            out["per_layer"] = dict(self.per_layer)
+        return out
+
+
+def _relaxed(k: int, n: int, t: float) -> int:
+    """``round(n * (k / n) ** t)``: dense at t = 0, exactly ``k`` at t = 1."""
+    if t == 1.0 or n == 0:
+        return k
+    if k == 0:
+        return n if t == 0.0 else 0
+    return min(n, max(k, round(n * (k / n) ** t)))
+
+
+def _check_fraction(name: str, v: float) -> None:
+    if not (isinstance(v, int | float | np.number) and 0.0 <= float(v) <= 1.0):
+        raise BudgetError(f"{name} must be a fraction in [0, 1], got {v!r}.")

@@ -1,0 +1,143 @@
+"""Flax (nnx) LeNets for examples and benchmarks, and the nnx adapter.
+
+The solvers work on any parameter pytree plus ``loss_fn(params, batch)``;
+:func:`split_nnx` turns an nnx module into that pair of a plain nested dict of
+arrays and a pure ``apply(params, x)``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from admmprune._tree import PyTree
+
+Apply = Callable[[PyTree, jax.Array], jax.Array]
+
+
+class LeNet300(nnx.Module):
+    """LeNet-300-100: 784-300-ReLU-100-ReLU-10 (266,200 weights, 410 biases).
+
+    Accepts ``(B, 784)`` or ``(B, 28, 28, 1)`` inputs.
+
+    References:
+        Y. LeCun et al., "Gradient-based learning applied to document
+        recognition", Proc. IEEE 1998; the pruning benchmark of Han et al. 2015.
+    """
+
+    def __init__(self, rngs: nnx.Rngs) -> None:
+        self.fc1 = nnx.Linear(784, 300, rngs=rngs)
+        self.fc2 = nnx.Linear(300, 100, rngs=rngs)
+        self.fc3 = nnx.Linear(100, 10, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.reshape(x.shape[0], -1)
+        x = jax.nn.relu(self.fc1(x))
+        x = jax.nn.relu(self.fc2(x))
+        return self.fc3(x)
+
+
+class LeNet5(nnx.Module):
+    """LeNet-5 in Caffe's form (20-50-500-10; 430,500 weights).
+
+    conv 5x5x20 (VALID) -> max-pool 2x2 -> conv 5x5x50 (VALID) -> max-pool 2x2
+    -> flatten (4x4x50 = 800) -> fc 500 -> ReLU -> fc 10. No activation after
+    the convolutions, as in Caffe's ``lenet_train_test.prototxt``, the model
+    of Han et al. 2015 and Zhang et al. 2018. Kernels use flax layouts (HWIO
+    for convolutions); inputs are ``(B, 28, 28, 1)`` NHWC.
+    """
+
+    def __init__(self, rngs: nnx.Rngs) -> None:
+        self.conv1 = nnx.Conv(1, 20, (5, 5), padding="VALID", rngs=rngs)
+        self.conv2 = nnx.Conv(20, 50, (5, 5), padding="VALID", rngs=rngs)
+        self.fc1 = nnx.Linear(800, 500, rngs=rngs)
+        self.fc2 = nnx.Linear(500, 10, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.reshape(x.shape[0], 28, 28, 1)
+        x = nnx.max_pool(self.conv1(x), (2, 2), strides=(2, 2))
+        x = nnx.max_pool(self.conv2(x), (2, 2), strides=(2, 2))
+        x = x.reshape(x.shape[0], -1)
+        x = jax.nn.relu(self.fc1(x))
+        return self.fc2(x)
+
+
+MODELS: dict[str, type[nnx.Module]] = {"lenet300": LeNet300, "lenet5": LeNet5}
+
+
+def split_nnx(model: nnx.Module) -> tuple[dict[str, Any], Apply]:
+    """Splits an nnx module into plain parameters and a pure apply function.
+
+    Returns:
+        ``(params, apply)``: ``params`` a nested dict of arrays
+        (``{"fc1": {"kernel": ..., "bias": ...}, ...}``) holding the module's
+        ``nnx.Param`` variables, and ``apply(params, x)`` that runs the module
+        with those parameters, pure and jit-traceable. ``apply`` is cached per
+        module so the solvers' jit caches hit across calls.
+    """
+    graphdef, param_state, rest = nnx.split(model, nnx.Param, ...)
+    params = nnx.to_pure_dict(param_state)
+    return params, _make_apply(graphdef, param_state, rest)
+
+
+def _make_apply(graphdef: Any, template: Any, rest: Any) -> Apply:
+    def apply(params: PyTree, x: jax.Array) -> jax.Array:
+        state = jax.tree.map(lambda v: v, template)  # a fresh copy to fill in
+        nnx.replace_by_pure_dict(state, params)
+        return nnx.merge(graphdef, state, rest)(x)
+
+    return apply
+
+
+def merge_nnx(model: nnx.Module, params: PyTree) -> nnx.Module:
+    """Writes ``params`` (a pure dict from :func:`split_nnx`) back into ``model``."""
+    graphdef, param_state, rest = nnx.split(model, nnx.Param, ...)
+    nnx.replace_by_pure_dict(param_state, params)
+    return nnx.merge(graphdef, param_state, rest)
+
+
+def init_model(name: str, seed: int = 0) -> tuple[dict[str, Any], Apply]:
+    """Builds a named model (``"lenet300"`` or ``"lenet5"``) and splits it."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}.")
+    return split_nnx(MODELS[name](nnx.Rngs(seed)))
+
+
+def _xent(apply: Apply, params: PyTree, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
+    x, y = batch
+    logits = apply(params, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def cross_entropy_loss(apply: Apply) -> Callable[[PyTree, Any], jax.Array]:
+    """``loss_fn(params, (x, y))``: mean softmax cross-entropy of ``apply``."""
+    return functools.partial(_xent, apply)
+
+
+@functools.partial(jax.jit, static_argnames=("apply", "batch_size"))
+def _correct(apply: Apply, params: PyTree, x: jax.Array, y: jax.Array, batch_size: int):
+    n = (x.shape[0] // batch_size) * batch_size
+    xb = x[:n].reshape(-1, batch_size, *x.shape[1:])
+    yb = y[:n].reshape(-1, batch_size)
+
+    def body(total: jax.Array, b: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, None]:
+        return total + jnp.sum(jnp.argmax(apply(params, b[0]), -1) == b[1]), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.int32), (xb, yb))
+    if n < x.shape[0]:
+        total = total + jnp.sum(jnp.argmax(apply(params, x[n:]), -1) == y[n:])
+    return total
+
+
+def accuracy(
+    apply: Apply, params: PyTree, x: jax.Array, y: jax.Array, batch_size: int = 1000
+) -> float:
+    """Top-1 accuracy of ``apply(params, x)`` against integer labels ``y``."""
+    batch_size = min(batch_size, x.shape[0])
+    return float(_correct(apply, params, x, y, batch_size)) / x.shape[0]
