@@ -13,6 +13,7 @@ from admmprune._tree import apply_masks, default_prunable, leaf_names
 from admmprune.admm import ADMM, AdmmState
 from admmprune.baselines import IterativeMagnitudePrune, MagnitudePrune
 from admmprune.budgets import Budget, BudgetError, ParamBudget
+from admmprune.checkpoint import load_checkpoint, save_checkpoint
 from admmprune.projections import project
 from admmprune.results import LayerStats, PruneResult
 from admmprune.training import train
@@ -32,6 +33,8 @@ __all__ = [
     "apply_masks",
     "default_prunable",
     "leaf_names",
+    "load_checkpoint",
     "project",
+    "save_checkpoint",
     "train",
 ]

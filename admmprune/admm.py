@@ -184,8 +184,13 @@ class ADMM:
         if scale != 1.0:
             u_new = jax.tree.map(lambda a: a * scale, u_new)
         new_state = AdmmState(
-            params, opt_state, z_new, u_new, jnp.asarray(next_rho, jnp.float32),
-            jnp.asarray(it + 1, jnp.int32), key,
+            params,
+            opt_state,
+            z_new,
+            u_new,
+            jnp.asarray(next_rho, jnp.float32),
+            jnp.asarray(it + 1, jnp.int32),
+            key,
         )
         record = {
             "phase": "admm",
@@ -247,9 +252,10 @@ class ADMM:
             if callback is not None:
                 callback(record)
 
+        # The same split whether or not we resume, so a resumed run retrains identically.
+        init_key, retrain_key = jax.random.split(key)
         if state is None:
-            key, sub = jax.random.split(key)
-            state = self.init(params, sub)
+            state = self.init(params, init_key)
         converged = None if self.tol is None else False
         epochs = 0
         while int(state.iteration) < self.iterations:
@@ -257,9 +263,7 @@ class ADMM:
             epochs += self.epochs_per_iteration
             if eval_fn is not None:
                 record.update({k: float(v) for k, v in eval_fn(state.params).items()})
-                record.update(
-                    {f"pruned_{k}": float(v) for k, v in eval_fn(state.z).items()}
-                )
+                record.update({f"pruned_{k}": float(v) for k, v in eval_fn(state.z).items()})
             emit(record)
             if on_iteration is not None:
                 on_iteration(state)
@@ -276,7 +280,6 @@ class ADMM:
             record.update({k: float(v) for k, v in eval_fn(pruned).items()})
         emit(record)
 
-        key, sub = jax.random.split(key)
         pruned, retrain_history = train(
             pruned,
             loss_fn,
@@ -284,7 +287,7 @@ class ADMM:
             optimizer=self.retrain_optimizer or self.optimizer,
             epochs=self.retrain_epochs,
             batch_size=self.batch_size,
-            key=sub,
+            key=retrain_key,
             masks=masks,
             eval_fn=eval_fn,
             callback=callback,
@@ -329,9 +332,7 @@ def _z_and_u_step(
     primal = jnp.sqrt(sq_norm(diff, flags))
     dz = jnp.sqrt(sq_norm(step, flags))
     support = [
-        jnp.sum((a != 0) != (b != 0))
-        for a, b, f in zip(zl_new, zl, flags, strict=True)
-        if f
+        jnp.sum((a != 0) != (b != 0)) for a, b, f in zip(zl_new, zl, flags, strict=True) if f
     ]
     total = sum(a.size for a, f in zip(wl, flags, strict=True) if f)
     figures = {

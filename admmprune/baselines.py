@@ -67,9 +67,17 @@ class MagnitudePrune:
         if callback is not None:
             callback(history[-1])
         pruned, retrain = train(
-            pruned, loss_fn, data, optimizer=self.optimizer, epochs=self.retrain_epochs,
-            batch_size=self.batch_size, key=key, masks=masks, eval_fn=eval_fn,
-            callback=callback, phase="retrain",
+            pruned,
+            loss_fn,
+            data,
+            optimizer=self.optimizer,
+            epochs=self.retrain_epochs,
+            batch_size=self.batch_size,
+            key=key,
+            masks=masks,
+            eval_fn=eval_fn,
+            callback=callback,
+            phase="retrain",
         )
         history += retrain
         return PruneResult(
@@ -131,9 +139,17 @@ class IterativeMagnitudePrune:
                 callback(history[-1])
             key, sub = jax.random.split(key)
             params, retrain = train(
-                params, loss_fn, data, optimizer=self.optimizer,
-                epochs=self.epochs_per_round, batch_size=self.batch_size, key=sub,
-                masks=masks, eval_fn=eval_fn, callback=callback, phase="retrain",
+                params,
+                loss_fn,
+                data,
+                optimizer=self.optimizer,
+                epochs=self.epochs_per_round,
+                batch_size=self.batch_size,
+                key=sub,
+                masks=masks,
+                eval_fn=eval_fn,
+                callback=callback,
+                phase="retrain",
             )
             for rec in retrain:
                 rec["round"] = r

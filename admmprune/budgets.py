@@ -138,9 +138,7 @@ class ParamBudget:
             if self.count < 0:
                 raise BudgetError(f"count must be >= 0, got {self.count}.")
         if self.allocation not in ("global", "uniform"):
-            raise BudgetError(
-                f"allocation must be 'global' or 'uniform', got {self.allocation!r}."
-            )
+            raise BudgetError(f"allocation must be 'global' or 'uniform', got {self.allocation!r}.")
         if self.per_layer is not None:
             if not self.per_layer:
                 raise BudgetError("per_layer is empty; name at least one layer.")
@@ -213,9 +211,7 @@ class ParamBudget:
             shares = _largest_remainder(_relaxed(k, n, self.progress), [sizes[i] for i in hits])
             for i, s in zip(hits, shares, strict=True):
                 if i in groups:
-                    raise BudgetError(
-                        f"leaf {names[i]!r} is named by more than one per_layer key."
-                    )
+                    raise BudgetError(f"leaf {names[i]!r} is named by more than one per_layer key.")
                 groups[i] = ResolvedGroup((i,), s)
         return tuple(groups[i] for i in sorted(groups))
 

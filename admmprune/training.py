@@ -49,15 +49,12 @@ def check_batch_size(data: PyTree, batch_size: int) -> int:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     if batch_size > n:
         raise ValueError(
-            f"batch_size={batch_size} exceeds the {n} training examples; "
-            f"use batch_size <= {n}."
+            f"batch_size={batch_size} exceeds the {n} training examples; use batch_size <= {n}."
         )
     return n // batch_size
 
 
-@functools.partial(
-    jax.jit, static_argnames=("loss_fn", "optimizer", "batch_size", "flags", "kind")
-)
+@functools.partial(jax.jit, static_argnames=("loss_fn", "optimizer", "batch_size", "flags", "kind"))
 def _epoch(
     params: PyTree,
     opt_state: Any,

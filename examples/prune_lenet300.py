@@ -44,9 +44,7 @@ def main() -> None:
         return {"accuracy": accuracy(apply, params, test_x, test_y)}
 
     def show(record):
-        figures = "  ".join(
-            f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)
-        )
+        figures = "  ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float))
         step = record.get("iteration", record.get("epoch", ""))
         print(f"[{record['phase']:>7} {step:>3}] {figures}", flush=True)
 
@@ -54,20 +52,32 @@ def main() -> None:
     if args.dense is not None and args.dense.exists():
         with np.load(args.dense, allow_pickle=False) as f:
             flat = {k: jnp.asarray(f[k]) for k in f.files}
-        params = {layer: {"kernel": flat[f"{layer}/kernel"], "bias": flat[f"{layer}/bias"]}
-                  for layer in params}
+        params = {
+            layer: {"kernel": flat[f"{layer}/kernel"], "bias": flat[f"{layer}/bias"]}
+            for layer in params
+        }
         print(f"loaded dense params from {args.dense}")
     else:
         t0 = time.perf_counter()
         params, _ = admmprune.train(
-            params, loss_fn, train_data, optimizer=optax.adam(1e-3),
-            epochs=args.dense_epochs, batch_size=128, key=key, eval_fn=evaluate,
-            callback=show, phase="dense",
+            params,
+            loss_fn,
+            train_data,
+            optimizer=optax.adam(1e-3),
+            epochs=args.dense_epochs,
+            batch_size=128,
+            key=key,
+            eval_fn=evaluate,
+            callback=show,
+            phase="dense",
         )
         print(f"dense training: {time.perf_counter() - t0:.1f} s")
         if args.dense is not None:
-            flat = {f"{layer}/{name}": np.asarray(v)
-                    for layer, leaves in params.items() for name, v in leaves.items()}
+            flat = {
+                f"{layer}/{name}": np.asarray(v)
+                for layer, leaves in params.items()
+                for name, v in leaves.items()
+            }
             np.savez(args.dense, **flat)
     dense_acc = evaluate(params)["accuracy"]
 
@@ -79,20 +89,29 @@ def main() -> None:
         iterations=args.admm_iterations,
         epochs_per_iteration=1,
         retrain_epochs=args.retrain_epochs,
-        retrain_optimizer=optax.adam(optax.cosine_decay_schedule(1e-3,
-            args.retrain_epochs * (60_000 // 128))),
+        retrain_optimizer=optax.adam(
+            optax.cosine_decay_schedule(1e-3, args.retrain_epochs * (60_000 // 128))
+        ),
         batch_size=128,
     )
-    result = solver.run(params, loss_fn, train_data, key=jax.random.key(args.seed + 1),
-                        eval_fn=evaluate, callback=show)
+    result = solver.run(
+        params,
+        loss_fn,
+        train_data,
+        key=jax.random.key(args.seed + 1),
+        eval_fn=evaluate,
+        callback=show,
+    )
 
     print()
     print(result.summary())
     acc = evaluate(result.params)["accuracy"]
     print(f"\ndense test accuracy  {dense_acc:.2%} (error {1 - dense_acc:.2%})")
-    print(f"pruned test accuracy {acc:.2%} (error {1 - acc:.2%}) at "
-          f"{result.kept_fraction:.2%} kept, {result.epochs} epochs, "
-          f"{result.wall_seconds:.0f} s")
+    print(
+        f"pruned test accuracy {acc:.2%} (error {1 - acc:.2%}) at "
+        f"{result.kept_fraction:.2%} kept, {result.epochs} epochs, "
+        f"{result.wall_seconds:.0f} s"
+    )
 
 
 if __name__ == "__main__":
