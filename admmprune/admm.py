@@ -38,7 +38,7 @@ import optax
 
 from admmprune._tree import PyTree, apply_masks, sq_norm
 from admmprune.budgets import Budget
-from admmprune.results import PruneResult, layer_stats
+from admmprune.results import PruneResult, finish, with_eval
 from admmprune.training import LossFn, check_batch_size, run_epoch, train
 
 EvalFn = Callable[[PyTree], Mapping[str, float]]
@@ -261,10 +261,8 @@ class ADMM:
         while int(state.iteration) < self.iterations:
             state, record = self.update(state, loss_fn, data)
             epochs += self.epochs_per_iteration
-            if eval_fn is not None:
-                record.update({k: float(v) for k, v in eval_fn(state.params).items()})
-                record.update({f"pruned_{k}": float(v) for k, v in eval_fn(state.z).items()})
-            emit(record)
+            with_eval(record, state.params, eval_fn)
+            emit(with_eval(record, state.z, eval_fn, prefix="pruned_"))
             if on_iteration is not None:
                 on_iteration(state)
             if self.converged(record):
@@ -275,10 +273,7 @@ class ADMM:
         pruned = apply_masks(state.params, masks)
         if self.compensate is not None:
             pruned = apply_masks(self.compensate(pruned, masks), masks)
-        record = {"phase": "prune", "iteration": int(state.iteration)}
-        if eval_fn is not None:
-            record.update({k: float(v) for k, v in eval_fn(pruned).items()})
-        emit(record)
+        emit(with_eval({"phase": "prune", "iteration": int(state.iteration)}, pruned, eval_fn))
 
         pruned, retrain_history = train(
             pruned,
@@ -295,15 +290,13 @@ class ADMM:
         )
         history.extend(retrain_history)
         epochs += self.retrain_epochs
-        flags = self.budget.prunable(pruned)
-        return PruneResult(
+        return finish(
             params=pruned,
             masks=masks,
-            layers=layer_stats(pruned, flags),
+            budget=self.budget,
             history=history,
             method="admm",
-            budget=self.budget.describe(),
-            wall_seconds=time.perf_counter() - start,
+            start=start,
             epochs=epochs,
             converged=converged,
             state=state,

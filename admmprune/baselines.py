@@ -20,15 +20,8 @@ import optax
 from admmprune._tree import PyTree, apply_masks
 from admmprune.admm import Callback, EvalFn
 from admmprune.budgets import Budget
-from admmprune.results import PruneResult, layer_stats
+from admmprune.results import PruneResult, finish, with_eval
 from admmprune.training import LossFn, check_batch_size, train
-
-
-def _prune_record(phase_round: int, pruned: PyTree, eval_fn: EvalFn | None) -> dict[str, Any]:
-    record: dict[str, Any] = {"phase": "prune", "round": phase_round}
-    if eval_fn is not None:
-        record.update({k: float(v) for k, v in eval_fn(pruned).items()})
-    return record
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +56,7 @@ class MagnitudePrune:
         check_batch_size(data, self.batch_size)
         masks = self.budget.mask(params)
         pruned = apply_masks(params, masks)
-        history = [_prune_record(1, pruned, eval_fn)]
+        history = [with_eval({"phase": "prune", "round": 1}, pruned, eval_fn)]
         if callback is not None:
             callback(history[-1])
         pruned, retrain = train(
@@ -80,14 +73,13 @@ class MagnitudePrune:
             phase="retrain",
         )
         history += retrain
-        return PruneResult(
+        return finish(
             params=pruned,
             masks=masks,
-            layers=layer_stats(pruned, self.budget.prunable(pruned)),
+            budget=self.budget,
             history=history,
             method="magnitude",
-            budget=self.budget.describe(),
-            wall_seconds=time.perf_counter() - start,
+            start=start,
             epochs=self.epochs,
         )
 
@@ -134,7 +126,7 @@ class IterativeMagnitudePrune:
             # Pruned weights are exactly zero, so a smaller top-k never revives them.
             masks = self.budget.relax(r / self.rounds).mask(params)
             params = apply_masks(params, masks)
-            history.append(_prune_record(r, params, eval_fn))
+            history.append(with_eval({"phase": "prune", "round": r}, params, eval_fn))
             if callback is not None:
                 callback(history[-1])
             key, sub = jax.random.split(key)
@@ -154,13 +146,12 @@ class IterativeMagnitudePrune:
             for rec in retrain:
                 rec["round"] = r
             history += retrain
-        return PruneResult(
+        return finish(
             params=params,
             masks=masks,
-            layers=layer_stats(params, self.budget.prunable(params)),
+            budget=self.budget,
             history=history,
             method="iterative_magnitude",
-            budget=self.budget.describe(),
-            wall_seconds=time.perf_counter() - start,
+            start=start,
             epochs=self.epochs,
         )

@@ -1,9 +1,4 @@
-"""Flax (nnx) LeNets for examples and benchmarks, and the nnx adapter.
-
-The solvers work on any parameter pytree plus ``loss_fn(params, batch)``;
-:func:`split_nnx` turns an nnx module into that pair of a plain nested dict of
-arrays and a pure ``apply(params, x)``.
-"""
+"""Flax (nnx) LeNets, their loss and accuracy, for examples and benchmarks."""
 
 from __future__ import annotations
 
@@ -17,8 +12,7 @@ import optax
 from flax import nnx
 
 from admmprune._tree import PyTree
-
-Apply = Callable[[PyTree, jax.Array], jax.Array]
+from admmprune.nnx import Apply, merge_nnx, split_nnx
 
 
 class LeNet300(nnx.Module):
@@ -68,38 +62,18 @@ class LeNet5(nnx.Module):
         return self.fc2(x)
 
 
+__all__ = [
+    "MODELS",
+    "LeNet5",
+    "LeNet300",
+    "accuracy",
+    "cross_entropy_loss",
+    "init_model",
+    "merge_nnx",
+    "split_nnx",
+]
+
 MODELS: dict[str, type[nnx.Module]] = {"lenet300": LeNet300, "lenet5": LeNet5}
-
-
-def split_nnx(model: nnx.Module) -> tuple[dict[str, Any], Apply]:
-    """Splits an nnx module into plain parameters and a pure apply function.
-
-    Returns:
-        ``(params, apply)``: ``params`` a nested dict of arrays
-        (``{"fc1": {"kernel": ..., "bias": ...}, ...}``) holding the module's
-        ``nnx.Param`` variables, and ``apply(params, x)`` that runs the module
-        with those parameters, pure and jit-traceable. ``apply`` is cached per
-        module so the solvers' jit caches hit across calls.
-    """
-    graphdef, param_state, rest = nnx.split(model, nnx.Param, ...)
-    params = nnx.to_pure_dict(param_state)
-    return params, _make_apply(graphdef, param_state, rest)
-
-
-def _make_apply(graphdef: Any, template: Any, rest: Any) -> Apply:
-    def apply(params: PyTree, x: jax.Array) -> jax.Array:
-        state = jax.tree.map(lambda v: v, template)  # a fresh copy to fill in
-        nnx.replace_by_pure_dict(state, params)
-        return nnx.merge(graphdef, state, rest)(x)
-
-    return apply
-
-
-def merge_nnx(model: nnx.Module, params: PyTree) -> nnx.Module:
-    """Writes ``params`` (a pure dict from :func:`split_nnx`) back into ``model``."""
-    graphdef, param_state, rest = nnx.split(model, nnx.Param, ...)
-    nnx.replace_by_pure_dict(param_state, params)
-    return nnx.merge(graphdef, param_state, rest)
 
 
 def init_model(name: str, seed: int = 0) -> tuple[dict[str, Any], Apply]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -104,3 +106,42 @@ class PruneResult:
             f"   ({self.prunable_weights / max(self.nonzero_weights, 1):.1f}x compression)"
         )
         return "\n".join(lines)
+
+
+def with_eval(
+    record: dict[str, Any],
+    params: PyTree,
+    eval_fn: Callable[[PyTree], Mapping[str, float]] | None,
+    prefix: str = "",
+) -> dict[str, Any]:
+    """Adds ``eval_fn(params)``'s figures (keys prefixed) to ``record``; returns it."""
+    if eval_fn is not None:
+        record.update({prefix + k: float(v) for k, v in eval_fn(params).items()})
+    return record
+
+
+def finish(
+    *,
+    params: PyTree,
+    masks: PyTree,
+    budget: Any,
+    history: list[dict[str, Any]],
+    method: str,
+    start: float,
+    epochs: int,
+    converged: bool | None = None,
+    state: Any = None,
+) -> PruneResult:
+    """Builds a solver's :class:`PruneResult`; ``start`` is its ``time.perf_counter()``."""
+    return PruneResult(
+        params=params,
+        masks=masks,
+        layers=layer_stats(params, budget.prunable(params)),
+        history=history,
+        method=method,
+        budget=budget.describe(),
+        wall_seconds=time.perf_counter() - start,
+        epochs=epochs,
+        converged=converged,
+        state=state,
+    )

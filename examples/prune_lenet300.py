@@ -26,9 +26,9 @@ from admmprune.models import accuracy, cross_entropy_loss, init_model
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--keep", type=float, default=0.02, help="fraction of weights kept")
-    p.add_argument("--dense-epochs", type=int, default=10)
-    p.add_argument("--admm-iterations", type=int, default=10)
-    p.add_argument("--retrain-epochs", type=int, default=10)
+    p.add_argument("--dense-epochs", type=int, default=20)
+    p.add_argument("--admm-iterations", type=int, default=60)
+    p.add_argument("--retrain-epochs", type=int, default=20)
     p.add_argument("--dense", type=Path, help="load/save the dense params here (.npz)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -84,8 +84,8 @@ def main() -> None:
     solver = admmprune.ADMM(
         budget=admmprune.ParamBudget(keep=args.keep),
         optimizer=optax.adam(1e-3),
-        rho=1e-3,
-        rho_growth=1.5,
+        rho=1e-4,  # small at first so W keeps learning, then grown until W meets Z
+        rho_growth=1.15,
         iterations=args.admm_iterations,
         epochs_per_iteration=1,
         retrain_epochs=args.retrain_epochs,

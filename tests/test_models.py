@@ -101,3 +101,13 @@ def test_admm_prunes_a_lenet_end_to_end_on_a_tiny_set():
     assert [s.name for s in result.layers] == ["fc1/kernel", "fc2/kernel", "fc3/kernel"]
     for layer in ("fc1", "fc2", "fc3"):  # biases are not prunable by default
         assert np.asarray(result.masks[layer]["bias"]).all()
+
+
+def test_import_is_light():
+    """``import admmprune`` must not pull in cvxpy (or flax): they load where used."""
+    import subprocess
+    import sys
+
+    code = "import sys, admmprune; print(sorted(m for m in ('cvxpy', 'flax') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
