@@ -15,8 +15,10 @@ from admmprune.models import (
     LeNet5,
     LeNet300,
     accuracy,
+    conv2d_valid,
     cross_entropy_loss,
     init_model,
+    max_pool_2x2,
     merge_nnx,
     split_nnx,
 )
@@ -55,14 +57,27 @@ def test_lenet5_is_caffe_lenet():
     ]
 
 
+def test_im2col_convolution_and_pool_match_flax():
+    model = LeNet5(nnx.Rngs(2))
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((3, 28, 28, 1)), jnp.float32)
+    ours = conv2d_valid(x, model.conv1.kernel[...], model.conv1.bias[...])
+    np.testing.assert_allclose(ours, model.conv1(x), rtol=1e-5, atol=1e-5)
+    h = max_pool_2x2(ours)
+    np.testing.assert_array_equal(h, nnx.max_pool(ours, (2, 2), strides=(2, 2)))
+    h2 = conv2d_valid(h, model.conv2.kernel[...], model.conv2.bias[...])
+    np.testing.assert_allclose(h2, model.conv2(h), rtol=1e-4, atol=1e-4)
+
+
 def test_no_activation_after_convolutions():
     """Caffe's LeNet: conv -> pool with no ReLU, so negative pooled maps pass through."""
     model = LeNet5(nnx.Rngs(0))
     x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 28, 28, 1)), jnp.float32)
     h = nnx.max_pool(model.conv1(x), (2, 2), strides=(2, 2))
     assert float(h.min()) < 0  # it would be >= 0 with a ReLU
+    h = nnx.max_pool(model.conv2(h), (2, 2), strides=(2, 2)).reshape(1, -1)
+    expected = model.fc2(jax.nn.relu(model.fc1(h)))  # Caffe's graph, from flax's own layers
+    np.testing.assert_allclose(model(x), expected, rtol=1e-4, atol=1e-4)
     params, apply = split_nnx(model)
-    expected = model(x)
     np.testing.assert_allclose(apply(params, x), expected, rtol=1e-5, atol=1e-5)
 
 
