@@ -161,7 +161,7 @@ class ADMM:
         flags = self.budget.prunable(state.params)
         params, opt_state, key = state.params, state.opt_state, state.key
         rho = state.rho
-        losses = []
+        losses, seconds = [], 0.0
         for _ in range(self.epochs_per_iteration):
             key, sub = jax.random.split(key)
             params, opt_state, stats = run_epoch(
@@ -177,6 +177,7 @@ class ADMM:
                 flags=tuple(flags),
             )
             losses.append(stats.loss)
+            seconds += stats.seconds
         z_new, u_new, figures = _z_and_u_step(params, state.z, state.u, rho, self.budget, flags)
         it = int(state.iteration)
         next_rho = self.rho_at(it + 1)
@@ -198,6 +199,7 @@ class ADMM:
             "loss": sum(losses) / max(len(losses), 1),
             "rho": float(rho),
             **{k: float(v) for k, v in figures.items()},
+            "seconds": seconds,  # the W-step epochs of this iteration
         }
         return new_state, record
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from admmprune._tree import PyTree
+from admmprune._tree import PyTree, leaf_names
 
 
 def _is_key(leaf: Any) -> bool:
@@ -66,5 +66,40 @@ def load_checkpoint(path: str | Path, like: PyTree) -> PyTree:
                 raise ValueError(
                     f"{path}: leaf {i} has shape {a.shape}, the template {np.shape(leaf)}."
                 )
+            out.append(jnp.asarray(a, dtype=getattr(leaf, "dtype", None)))
+    return jax.tree.unflatten(treedef, out)
+
+
+def save_params(path: str | Path, params: PyTree) -> Path:
+    """Writes ``params`` as ``.npz``, one array per leaf keyed by its ``/``-joined path.
+
+    ``{"fc1": {"kernel": ...}}`` is stored under ``"fc1/kernel"``, so the file
+    reads in numpy alone (``np.load(path)["fc1/kernel"]``).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = dict(zip(leaf_names(params), map(np.asarray, jax.tree.leaves(params)), strict=True))
+    if len(arrays) != len(jax.tree.leaves(params)):
+        raise ValueError("two leaves share a path name; cannot save them by name.")
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+    return path
+
+
+def load_params(path: str | Path, like: PyTree) -> PyTree:
+    """Reads a :func:`save_params` file into ``like``'s structure, checking names and shapes."""
+    names = leaf_names(like)
+    leaves, treedef = jax.tree.flatten(like)
+    with np.load(Path(path), allow_pickle=False) as f:
+        missing = sorted(set(names) - set(f.files))
+        extra = sorted(set(f.files) - set(names))
+        if missing or extra:
+            raise ValueError(f"{path} does not match the model: missing {missing}, extra {extra}.")
+        out = []
+        for name, leaf in zip(names, leaves, strict=True):
+            a = f[name]
+            if a.shape != np.shape(leaf):
+                raise ValueError(f"{path}: {name} has shape {a.shape}, the model {np.shape(leaf)}.")
             out.append(jnp.asarray(a, dtype=getattr(leaf, "dtype", None)))
     return jax.tree.unflatten(treedef, out)

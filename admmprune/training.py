@@ -15,6 +15,8 @@ The three kinds differ only in how the gradient and the update are touched:
 from __future__ import annotations
 
 import functools
+import math
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -23,15 +25,17 @@ import jax.numpy as jnp
 import optax
 
 from admmprune._tree import PyTree, apply_masks
+from admmprune.results import with_eval
 
 LossFn = Callable[[PyTree, Any], jax.Array]
 
 
 class EpochStats(NamedTuple):
-    """What one epoch reports: the mean minibatch loss and the step count."""
+    """What one epoch reports: mean minibatch loss, step count, wall seconds."""
 
     loss: float
     steps: int
+    seconds: float
 
 
 def num_examples(data: PyTree) -> int:
@@ -134,6 +138,7 @@ def run_epoch(
         The new params and optimizer state, and the epoch's mean loss.
     """
     steps = check_batch_size(data, batch_size)
+    start = time.perf_counter()
     params, opt_state, loss = _epoch(
         params,
         opt_state,
@@ -146,13 +151,14 @@ def run_epoch(
         flags=tuple(flags),
         kind=kind,
     )
-    loss = float(loss)
-    if not jnp.isfinite(loss):
+    loss = float(loss)  # waits for the epoch to finish
+    seconds = time.perf_counter() - start
+    if not math.isfinite(loss):
         raise FloatingPointError(
             f"training loss became {loss} ({kind} epoch); lower the learning rate "
             "or, for ADMM, the initial rho."
         )
-    return params, opt_state, EpochStats(loss, steps)
+    return params, opt_state, EpochStats(loss, steps, seconds)
 
 
 def train(
@@ -197,10 +203,13 @@ def train(
             kind="plain" if masks is None else "masked",
             aux=masks,
         )
-        record: dict[str, Any] = {"phase": phase, "epoch": epoch + 1, "loss": stats.loss}
-        if eval_fn is not None:
-            record.update({k: float(v) for k, v in eval_fn(params).items()})
-        history.append(record)
+        record: dict[str, Any] = {
+            "phase": phase,
+            "epoch": epoch + 1,
+            "loss": stats.loss,
+            "seconds": stats.seconds,
+        }
+        history.append(with_eval(record, params, eval_fn))
         if callback is not None:
             callback(record)
     return params, history

@@ -1,0 +1,184 @@
+"""The ``admmprune`` command line.
+
+    admmprune solve RECIPE --out DIR [--quiet] [--json] [--resume] [--set KEY=VALUE ...]
+    admmprune bench [--quick] [--out DIR]
+    admmprune fetch-data
+
+Exit status: 0 on success, 2 for a bad recipe, an infeasible budget or
+missing data (the message names the problem and the fix), 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from admmprune.budgets import BudgetError
+    from admmprune.data import DataError
+    from admmprune.recipes import RecipeError
+
+    return (RecipeError, BudgetError, DataError)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``section.key=value`` with value in TOML syntax (bare words are strings)."""
+    from admmprune.recipes import RecipeError
+
+    key, sep, value = text.partition("=")
+    if not sep or "." not in key:
+        raise RecipeError(f"--set {text!r}: expected section.key=value, e.g. solver.rho=1e-3.")
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value
+    return key.strip(), parsed
+
+
+class Progress:
+    """A tqdm bar over a run's epochs, fed by the solvers' history records."""
+
+    def __init__(self, total: int, desc: str, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="epoch", dynamic_ncols=True,
+                            file=sys.stderr)
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        if self.bar is None:
+            return
+        phase = record.get("phase")
+        if phase in ("dense", "admm", "retrain"):
+            self.bar.update(1)
+        post = {"phase": phase}
+        if "iteration" in record and phase == "admm":
+            post["it"] = record["iteration"]
+        for key, label in (("loss", "loss"), ("primal_relative", "r"), ("dual_relative", "s"),
+                           ("accuracy", "acc")):
+            if key in record:
+                post[label] = f"{record[key]:.4g}"
+        self.bar.set_postfix(post, refresh=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def total_epochs(recipe: Any) -> int:
+    from admmprune.data import cache_dir
+
+    dense = recipe.dense["epochs"]
+    cached = cache_dir() / "dense" / f"{recipe.problem['model']}-{recipe.dense_key()}.npz"
+    if recipe.dense["cache"] and cached.exists():
+        dense = 0
+    s = recipe.solver
+    if recipe.method == "admm":
+        return dense + s["iterations"] * s["epochs_per_iteration"] + s["retrain_epochs"]
+    if recipe.method == "magnitude":
+        return dense + s["retrain_epochs"]
+    return dense + s["rounds"] * s["epochs_per_round"]
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The final per-layer table and the headline figures."""
+    lines = [f"{'layer':<16} {'shape':<14} {'nonzero':>9} {'kept':>8}"]
+    for layer in report["per_layer"]:
+        shape = "x".join(map(str, layer["shape"]))
+        lines.append(
+            f"{layer['name']:<16} {shape:<14} {layer['nonzero']:>9d} "
+            f"{layer['kept_fraction']:>8.2%}"
+        )
+    lines.append(
+        f"{'total':<16} {'':<14} {report['nonzero_weights']:>9d} {report['kept_fraction']:>8.2%}"
+        f"  ({report['compression']:.1f}x)"
+    )
+    lines.append(
+        f"{report['problem']} [{report['method']}]: test accuracy {report['test_accuracy']:.2%} "
+        f"(dense {report['dense_test_accuracy']:.2%}), {report['epochs']} epochs, "
+        f"{report['wall_seconds']:.0f} s"
+    )
+    return "\n".join(lines)
+
+
+def cmd_solve(args: argparse.Namespace) -> int:
+    from admmprune.recipes import load_recipe
+    from admmprune.runner import solve
+
+    recipe = load_recipe(args.recipe)
+    if args.set:
+        recipe = recipe.with_overrides(dict(parse_override(s) for s in args.set))
+    progress = Progress(total_epochs(recipe), recipe.name, enabled=not (args.quiet or args.json))
+    try:
+        report = solve(recipe, args.out, callback=progress, resume=args.resume,
+                       plots=not args.no_plots)
+    finally:
+        progress.close()
+    if args.json:
+        summary = {k: v for k, v in report.items() if k != "history"}
+        print(json.dumps(summary, indent=2))
+    elif not args.quiet:
+        print(format_report(report))
+        print(f"wrote {Path(args.out) / 'params.npz'} and {Path(args.out) / 'report.json'}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from admmprune.bench import run_benchmark
+
+    run_benchmark(Path(args.out), solvers=Path(args.solvers), quick=args.quick,
+                  quiet=args.quiet, only=args.only)
+    return 0
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from admmprune.data import fetch_mnist
+
+    print(f"MNIST cached at {fetch_mnist(args.dir)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="admmprune", description="Pruning as constrained "
+                                "optimization: run recipes and benchmarks.")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("solve", help="run one recipe (a TOML file in solvers/)")
+    s.add_argument("recipe", type=Path)
+    s.add_argument("--out", type=Path, required=True, help="directory for params.npz, report.json")
+    s.add_argument("--quiet", action="store_true", help="no progress bar, no table")
+    s.add_argument("--json", action="store_true", help="print the report (less history) as JSON")
+    s.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.npz")
+    s.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    s.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override a recipe value (repeatable), e.g. --set solver.rho=1e-3")
+    s.set_defaults(func=cmd_solve)
+    b = sub.add_parser("bench", help="run the benchmark set and write results.md")
+    b.add_argument("--out", type=Path, default=Path("runs/bench"))
+    b.add_argument("--solvers", type=Path, default=Path("solvers"), help="recipe directory")
+    b.add_argument("--quick", action="store_true", help="reduced set, epochs / 10 (minutes)")
+    b.add_argument("--only", action="append", help="run only recipes whose name contains this")
+    b.add_argument("--quiet", action="store_true")
+    b.set_defaults(func=cmd_bench)
+    f = sub.add_parser("fetch-data", help="one-time fetch of MNIST into the cache")
+    f.add_argument("--dir", type=Path, default=None)
+    f.set_defaults(func=cmd_fetch)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except _user_errors() as e:
+        print(f"admmprune: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

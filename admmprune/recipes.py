@@ -1,0 +1,307 @@
+"""Recipes: one TOML file per pruning problem (model, data, budget, solver, epochs, seed).
+
+A recipe is validated completely before anything runs: an unknown section or
+key, a value of the wrong type, or a setting that does not belong to the
+chosen method raises :class:`RecipeError` naming it (``solver.rho: expected a
+number, got 'high'``). Example (``solvers/lenet300_admm_2pct.toml``)::
+
+    [problem]
+    model = "lenet300"
+    data = "mnist"
+    seed = 0
+
+    [dense]
+    epochs = 20
+
+    [budget]
+    keep = 0.02
+
+    [solver]
+    method = "admm"
+    rho = 1e-4
+    rho_growth = 1.15
+    iterations = 60
+    retrain_epochs = 20
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import optax
+
+from admmprune.budgets import ParamBudget
+
+METHODS = ("admm", "magnitude", "iterative_magnitude")
+OPTIMIZERS = ("adam", "sgd", "momentum", "adamw")
+SCHEDULES = ("constant", "cosine")
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; the message names the offending key."""
+
+
+_NUMBER = (int, float)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Key:
+    types: tuple[type, ...]
+    default: Any
+    choices: tuple[Any, ...] | None = None
+    minimum: float | None = None
+    methods: tuple[str, ...] | None = None  # solver keys that only some methods take
+
+
+def _k(types, default, choices=None, minimum=None, methods=None) -> _Key:
+    return _Key(types if isinstance(types, tuple) else (types,), default, choices, minimum, methods)
+
+
+SCHEMA: dict[str, dict[str, _Key]] = {
+    "problem": {
+        "name": _k(str, None),
+        "model": _k(str, None, choices=("lenet300", "lenet5")),
+        "data": _k(str, "mnist", choices=("mnist", "synthetic")),
+        "seed": _k(int, 0, minimum=0),
+    },
+    "data": {
+        "train_subset": _k(int, 0, minimum=0),  # 0 = all training examples
+        "test_subset": _k(int, 0, minimum=0),
+        "synthetic_train": _k(int, 2048, minimum=1),
+        "synthetic_test": _k(int, 512, minimum=1),
+        "idx_dir": _k(str, ""),
+    },
+    "dense": {
+        "epochs": _k(int, 20, minimum=0),
+        "optimizer": _k(str, "adam", choices=OPTIMIZERS),
+        "learning_rate": _k(_NUMBER, 1e-3, minimum=0),
+        "batch_size": _k(int, 128, minimum=1),
+        "cache": _k(bool, True),
+    },
+    "budget": {
+        "keep": _k(_NUMBER, None),
+        "count": _k(int, None),
+        "per_layer": _k(dict, None),
+        "allocation": _k(str, "global", choices=("global", "uniform")),
+    },
+    "solver": {
+        "method": _k(str, "admm", choices=METHODS),
+        "optimizer": _k(str, "adam", choices=OPTIMIZERS),
+        "learning_rate": _k(_NUMBER, 1e-3, minimum=0),
+        "batch_size": _k(int, 128, minimum=1),
+        "retrain_learning_rate": _k(_NUMBER, 1e-3, minimum=0),
+        "retrain_schedule": _k(str, "cosine", choices=SCHEDULES),
+        "rho": _k(_NUMBER, 1e-4, minimum=0, methods=("admm",)),
+        "rho_growth": _k(_NUMBER, 1.15, minimum=1, methods=("admm",)),
+        "rho_max": _k(_NUMBER, math.inf, minimum=0, methods=("admm",)),
+        "iterations": _k(int, 60, minimum=0, methods=("admm",)),
+        "epochs_per_iteration": _k(int, 1, minimum=1, methods=("admm",)),
+        "tol": _k(_NUMBER, 0.0, minimum=0, methods=("admm",)),  # 0 = run all iterations
+        "retrain_epochs": _k(int, 20, minimum=0, methods=("admm", "magnitude")),
+        "rounds": _k(int, 8, minimum=1, methods=("iterative_magnitude",)),
+        "epochs_per_round": _k(int, 10, minimum=1, methods=("iterative_magnitude",)),
+    },
+}
+REQUIRED = (("problem", "model"), ("budget", None))
+
+
+def _type_name(types: tuple[type, ...]) -> str:
+    names = {
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        bool: "true or false",
+        dict: "a table",
+    }
+    if set(types) == {int, float}:
+        return "a number"
+    return " or ".join(names.get(t, t.__name__) for t in types)
+
+
+def _check_value(where: str, spec: _Key, value: Any) -> Any:
+    ok = isinstance(value, spec.types) and not (isinstance(value, bool) and bool not in spec.types)
+    if not ok:
+        raise RecipeError(f"{where}: expected {_type_name(spec.types)}, got {value!r}.")
+    if spec.choices is not None and value not in spec.choices:
+        raise RecipeError(f"{where}: {value!r} is not one of {list(spec.choices)}.")
+    if spec.minimum is not None and value < spec.minimum:
+        raise RecipeError(f"{where}: must be >= {spec.minimum}, got {value!r}.")
+    return float(value) if float in spec.types and int in spec.types else value
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A validated recipe: every section with its defaults filled in."""
+
+    problem: Mapping[str, Any]
+    data: Mapping[str, Any]
+    dense: Mapping[str, Any]
+    budget: Mapping[str, Any]
+    solver: Mapping[str, Any]
+    path: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.problem["name"]
+
+    @property
+    def method(self) -> str:
+        return self.solver["method"]
+
+    def as_dict(self) -> dict[str, Any]:
+        """The recipe as plain, JSON-ready sections (solver keys of other methods dropped)."""
+        out = {s: dict(getattr(self, s)) for s in SCHEMA}
+        out["solver"] = {k: v for k, v in out["solver"].items() if _applies(k, self.method)}
+        return json.loads(json.dumps(out, default=str))
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> Recipe:
+        """A copy with ``{"section.key": value}`` overrides, validated like the file."""
+        method = overrides.get("solver.method", self.method)
+        raw = _strip_none({s: dict(getattr(self, s)) for s in SCHEMA})
+        raw["solver"] = {k: v for k, v in raw["solver"].items() if _applies(k, method)}
+        for dotted, value in overrides.items():
+            section, _, key = dotted.partition(".")
+            if section not in SCHEMA or not key:
+                raise RecipeError(f"override {dotted!r}: expected 'section.key'.")
+            raw[section][key] = value
+        return parse_recipe(raw, name=self.name, path=self.path)
+
+    def scaled(self, factor: float) -> Recipe:
+        """Every epoch count times ``factor`` (at least 1), for quick runs.
+
+        ADMM's iterations and retraining, magnitude's retraining and
+        iterative magnitude's epochs per round all scale by the same factor,
+        so methods given equal epochs keep (nearly) equal epochs.
+        """
+
+        def f(v: int) -> int:
+            return max(1, round(v * factor))
+
+        s = self.solver
+        out = {"dense.epochs": f(self.dense["epochs"]) if self.dense["epochs"] else 0}
+        if self.method == "admm":
+            out |= {
+                "solver.iterations": f(s["iterations"]),
+                "solver.retrain_epochs": f(s["retrain_epochs"]),
+            }
+        elif self.method == "magnitude":
+            out |= {"solver.retrain_epochs": f(s["retrain_epochs"])}
+        else:
+            out |= {"solver.epochs_per_round": f(s["epochs_per_round"])}
+        return self.with_overrides(out)
+
+    def budget_object(self) -> ParamBudget:
+        """The :class:`ParamBudget` this recipe describes."""
+        b = self.budget
+        return ParamBudget(
+            keep=b["keep"], count=b["count"], per_layer=b["per_layer"], allocation=b["allocation"]
+        )
+
+    def dense_key(self) -> str:
+        """A hash of everything the dense model depends on (its cache key)."""
+        basis = {
+            "problem": {k: self.problem[k] for k in ("model", "data", "seed")},
+            "data": dict(self.data),
+            "dense": dict(self.dense),
+        }
+        basis["dense"].pop("cache", None)
+        return hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _applies(key: str, method: str) -> bool:
+    methods = SCHEMA["solver"][key].methods
+    return methods is None or method in methods
+
+
+def _strip_none(raw: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {s: {k: v for k, v in d.items() if v is not None} for s, d in raw.items()}
+
+
+def parse_recipe(raw: Mapping[str, Any], *, name: str, path: str | None = None) -> Recipe:
+    """Validates a recipe's tables (as parsed from TOML) and fills in defaults."""
+    for section in raw:
+        if section not in SCHEMA:
+            raise RecipeError(
+                f"unknown section [{section}]; recipes have {[f'[{s}]' for s in SCHEMA]}."
+            )
+    for section, key in REQUIRED:
+        if section not in raw or (key is not None and key not in raw[section]):
+            raise RecipeError(f"missing {section + '.' + key if key else f'[{section}]'}.")
+    method = raw.get("solver", {}).get("method", "admm")
+    if method not in METHODS:
+        raise RecipeError(f"solver.method: {method!r} is not one of {list(METHODS)}.")
+    parsed: dict[str, dict[str, Any]] = {}
+    for section, keys in SCHEMA.items():
+        table = raw.get(section, {})
+        if not isinstance(table, Mapping):
+            raise RecipeError(f"[{section}] must be a table, got {table!r}.")
+        out = {}
+        for key, value in table.items():
+            where = f"{section}.{key}"
+            if key not in keys:
+                raise RecipeError(f"{where}: unknown key; [{section}] takes {sorted(keys)}.")
+            spec = keys[key]
+            if spec.methods is not None and method not in spec.methods:
+                raise RecipeError(
+                    f"{where}: not a setting of method {method!r} (it applies to "
+                    f"{list(spec.methods)})."
+                )
+            out[key] = _check_value(where, spec, value)
+        for key, spec in keys.items():
+            if key not in out and (section != "solver" or _applies(key, method)):
+                out[key] = spec.default
+        parsed[section] = out
+    parsed["problem"]["name"] = parsed["problem"]["name"] or name
+    given = [k for k in ("keep", "count", "per_layer") if parsed["budget"][k] is not None]
+    if len(given) != 1:
+        raise RecipeError(
+            f"[budget] takes exactly one of keep, count or per_layer (got {given or 'none'})."
+        )
+    if parsed["budget"]["keep"] is not None and not 0 <= parsed["budget"]["keep"] <= 1:
+        raise RecipeError(f"budget.keep: must be in [0, 1], got {parsed['budget']['keep']}.")
+    if parsed["budget"]["count"] is not None and parsed["budget"]["count"] < 0:
+        raise RecipeError(f"budget.count: must be >= 0, got {parsed['budget']['count']}.")
+    return Recipe(**parsed, path=path)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Reads and validates a TOML recipe file."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise RecipeError(f"{path}: no such recipe file.") from e
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"{path}: not valid TOML ({e}).") from e
+    try:
+        return parse_recipe(raw, name=path.stem, path=str(path))
+    except RecipeError as e:
+        raise RecipeError(f"{path}: {e}") from None
+
+
+def make_optimizer(
+    name: str, learning_rate: float | optax.Schedule
+) -> optax.GradientTransformation:
+    """The recipe's optimizer names as optax transformations."""
+    if name == "adam":
+        return optax.adam(learning_rate)
+    if name == "adamw":
+        return optax.adamw(learning_rate, weight_decay=1e-4)
+    if name == "momentum":
+        return optax.sgd(learning_rate, momentum=0.9, nesterov=True)
+    return optax.sgd(learning_rate)
+
+
+def retrain_learning_rate(recipe: Recipe, epochs: int, steps_per_epoch: int) -> optax.Schedule:
+    """Constant, or cosine-decayed over one retraining phase of ``epochs`` epochs."""
+    lr = recipe.solver["retrain_learning_rate"]
+    if recipe.solver["retrain_schedule"] == "constant" or epochs == 0:
+        return optax.constant_schedule(lr)
+    return optax.cosine_decay_schedule(lr, max(1, epochs * steps_per_epoch))

@@ -1,0 +1,264 @@
+"""Runs a recipe end to end: data, dense model, pruning solver, report files.
+
+``solve(recipe, out_dir)`` writes into ``out_dir``:
+
+* ``params.npz``: the pruned parameters, one array per leaf keyed by its
+  pytree path joined with ``/`` (``fc1/kernel``);
+* ``report.json``: the problem, method, budget, weight counts, test accuracy
+  (pruned and dense), epochs, wall time, per-layer table, history;
+* ``checkpoint.npz`` while ADMM runs (the whole ADMM state after every
+  iteration; ``resume=True`` continues from it);
+* plots, when matplotlib is installed (``pip install admmprune[plots]``).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import admmprune
+from admmprune.checkpoint import load_checkpoint, load_params, save_checkpoint, save_params
+from admmprune.data import cache_dir, load_mnist, synthetic_classification
+from admmprune.models import accuracy, cross_entropy_loss, init_model
+from admmprune.recipes import Recipe, make_optimizer, retrain_learning_rate
+from admmprune.results import PruneResult
+
+Callback = Callable[[dict[str, Any]], None]
+
+
+def load_data(recipe: Recipe) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
+    """The recipe's (train, test) arrays: MNIST (optionally a leading slice) or synthetic."""
+    d, seed = recipe.data, recipe.problem["seed"]
+    if recipe.problem["data"] == "synthetic":
+        # One draw split in two, so the same teacher labels train and test.
+        both = synthetic_classification(
+            d["synthetic_train"] + d["synthetic_test"], image=True, classes=10, seed=seed
+        )
+        n = d["synthetic_train"]
+        train = (both.x[:n], both.y[:n])
+        test = (both.x[n:], both.y[n:])
+    else:
+        mnist = load_mnist(idx_dir=d["idx_dir"] or None, download=True)
+        train, test = tuple(mnist.train), tuple(mnist.test)
+    if d["train_subset"]:
+        train = tuple(a[: d["train_subset"]] for a in train)
+    if d["test_subset"]:
+        test = tuple(a[: d["test_subset"]] for a in test)
+    return tuple(map(jnp.asarray, train)), tuple(map(jnp.asarray, test))
+
+
+def dense_params(
+    recipe: Recipe, train: tuple[jax.Array, jax.Array], callback: Callback | None = None
+) -> tuple[Any, Callable, dict[str, Any]]:
+    """Trains the dense model, or loads it from the cache keyed by its settings.
+
+    Returns ``(params, apply, info)``; ``info`` says whether it was cached and,
+    when trained, the mean epoch time.
+    """
+    params, apply = init_model(recipe.problem["model"], seed=recipe.problem["seed"])
+    dense = recipe.dense
+    path = cache_dir() / "dense" / f"{recipe.problem['model']}-{recipe.dense_key()}.npz"
+    if dense["cache"] and path.exists():
+        return load_params(path, params), apply, {"cached": str(path)}
+    opt = make_optimizer(dense["optimizer"], dense["learning_rate"])
+    params, history = admmprune.train(
+        params, cross_entropy_loss(apply), train, optimizer=opt, epochs=dense["epochs"],
+        batch_size=dense["batch_size"], key=jax.random.key(recipe.problem["seed"]),
+        callback=callback, phase="dense",
+    )
+    if dense["cache"]:
+        save_params(path, params)
+    seconds = [r["seconds"] for r in history]
+    return params, apply, {"cached": None, "epoch_seconds": seconds}
+
+
+def make_solver(recipe: Recipe, steps_per_epoch: int) -> Any:
+    """The recipe's solver object (ADMM, MagnitudePrune or IterativeMagnitudePrune)."""
+    s = recipe.solver
+    budget = recipe.budget_object()
+    opt = make_optimizer(s["optimizer"], s["learning_rate"])
+    if recipe.method == "admm":
+        retrain = make_optimizer(
+            s["optimizer"], retrain_learning_rate(recipe, s["retrain_epochs"], steps_per_epoch)
+        )
+        return admmprune.ADMM(
+            budget=budget, optimizer=opt, rho=s["rho"], rho_growth=s["rho_growth"],
+            rho_max=s["rho_max"], iterations=s["iterations"],
+            epochs_per_iteration=s["epochs_per_iteration"], tol=s["tol"] or None,
+            retrain_epochs=s["retrain_epochs"], retrain_optimizer=retrain,
+            batch_size=s["batch_size"],
+        )
+    if recipe.method == "magnitude":
+        retrain = make_optimizer(
+            s["optimizer"], retrain_learning_rate(recipe, s["retrain_epochs"], steps_per_epoch)
+        )
+        return admmprune.MagnitudePrune(
+            budget=budget, optimizer=retrain, retrain_epochs=s["retrain_epochs"],
+            batch_size=s["batch_size"],
+        )
+    retrain = make_optimizer(
+        s["optimizer"], retrain_learning_rate(recipe, s["epochs_per_round"], steps_per_epoch)
+    )
+    return admmprune.IterativeMagnitudePrune(
+        budget=budget, optimizer=retrain, rounds=s["rounds"],
+        epochs_per_round=s["epochs_per_round"], batch_size=s["batch_size"],
+    )
+
+
+def solve(
+    recipe: Recipe,
+    out_dir: str | Path,
+    *,
+    callback: Callback | None = None,
+    resume: bool = False,
+    plots: bool = True,
+) -> dict[str, Any]:
+    """Runs ``recipe`` and writes ``params.npz`` and ``report.json`` into ``out_dir``.
+
+    Returns the report (the contents of ``report.json``).
+    """
+    start = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    budget = recipe.budget_object()
+    train, test = load_data(recipe)
+    params, apply, dense_info = dense_params(recipe, train, callback)
+    budget.resolve(params)  # an infeasible budget fails here, before any pruning work
+    loss_fn = cross_entropy_loss(apply)
+
+    def evaluate(p: Any) -> dict[str, float]:
+        return {"accuracy": accuracy(apply, p, *test)}
+
+    dense_acc = evaluate(params)["accuracy"]
+    steps = train[0].shape[0] // recipe.solver["batch_size"]
+    solver = make_solver(recipe, steps)
+    key = jax.random.key(recipe.problem["seed"] + 1)
+    extra: dict[str, Any] = {}
+    if recipe.method == "admm":
+        ckpt = out / "checkpoint.npz"
+        state = None
+        if resume and ckpt.exists():
+            state = load_checkpoint(ckpt, solver.init(params, key))
+            extra["resumed_from_iteration"] = int(state.iteration)
+        extra["on_iteration"] = lambda s: save_checkpoint(ckpt, s)
+        extra["state"] = state
+    result: PruneResult = solver.run(
+        params, loss_fn, train, key=key, eval_fn=evaluate, callback=callback,
+        **{k: v for k, v in extra.items() if k in ("on_iteration", "state")},
+    )
+    save_params(out / "params.npz", result.params)
+    report = make_report(recipe, result, dense_acc, evaluate(result.params)["accuracy"],
+                         dense_info, time.perf_counter() - start)
+    if "resumed_from_iteration" in extra:
+        report["resumed_from_iteration"] = extra["resumed_from_iteration"]
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    if plots:
+        report["plots"] = save_plots(report, out)
+    return report
+
+
+def _mean(xs: list[float]) -> float | None:
+    return float(np.mean(xs)) if xs else None
+
+
+def make_report(
+    recipe: Recipe,
+    result: PruneResult,
+    dense_accuracy: float,
+    test_accuracy: float,
+    dense_info: dict[str, Any],
+    wall_seconds: float,
+) -> dict[str, Any]:
+    """The ``report.json`` record of one run."""
+    admm_seconds = [r["seconds"] / recipe.solver["epochs_per_iteration"]
+                    for r in result.records("admm")]
+    return {
+        "problem": recipe.name,
+        "model": recipe.problem["model"],
+        "data": recipe.problem["data"],
+        "method": result.method,
+        "budget": result.budget,
+        "prunable_weights": result.prunable_weights,
+        "nonzero_weights": result.nonzero_weights,
+        "kept_fraction": result.kept_fraction,
+        "compression": result.prunable_weights / max(result.nonzero_weights, 1),
+        "test_accuracy": test_accuracy,
+        "test_error": 1.0 - test_accuracy,
+        "dense_test_accuracy": dense_accuracy,
+        "epochs": result.epochs,
+        "dense_epochs": recipe.dense["epochs"],
+        "dense_cached": dense_info.get("cached"),
+        "wall_seconds": wall_seconds,
+        "solver_wall_seconds": result.wall_seconds,
+        "timing": {
+            "dense_epoch_seconds": _mean(dense_info.get("epoch_seconds", [])),
+            "admm_w_step_epoch_seconds": _mean(admm_seconds),
+            "retrain_epoch_seconds": _mean([r["seconds"] for r in result.records("retrain")]),
+        },
+        "converged": result.converged,
+        "per_layer": [s.as_dict() for s in result.layers],
+        "recipe": recipe.as_dict(),
+        "environment": {
+            "device": str(jax.devices()[0].device_kind),
+            "platform": jax.default_backend(),
+            "jax": jax.__version__,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+        },
+        "history": result.history,
+    }
+
+
+def save_plots(report: dict[str, Any], out: Path) -> list[str]:
+    """Per-layer kept fraction and ADMM loss/residual/accuracy curves, as PNG files.
+
+    Returns the files written; empty when matplotlib is not installed.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    layers = report["per_layer"]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.bar([x["name"] for x in layers], [100 * x["kept_fraction"] for x in layers])
+    ax.set_ylabel("kept (%)")
+    ax.set_title(f"{report['problem']}: {100 * report['kept_fraction']:.2f}% kept overall")
+    ax.tick_params(axis="x", labelrotation=30)
+    fig.tight_layout()
+    fig.savefig(out / "kept_fraction.png", dpi=120)
+    plt.close(fig)
+    written.append(str(out / "kept_fraction.png"))
+    admm = [r for r in report["history"] if r.get("phase") == "admm"]
+    if admm:
+        it = [r["iteration"] for r in admm]
+        fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+        axes[0].plot(it, [r["loss"] for r in admm])
+        axes[0].set_title("training loss")
+        axes[1].semilogy(it, [r["primal_relative"] for r in admm], label="primal ||W-Z||/||W||")
+        axes[1].semilogy(it, [r["dual_relative"] for r in admm], label="dual ||Z-Z'||/||W||")
+        axes[1].legend(fontsize=7)
+        axes[1].set_title("relative residuals")
+        if "accuracy" in admm[0]:
+            axes[2].plot(it, [r["accuracy"] for r in admm], label="W")
+            axes[2].plot(it, [r["pruned_accuracy"] for r in admm], label="Proj(W)")
+            axes[2].legend(fontsize=7)
+        axes[2].set_title("test accuracy")
+        for ax in axes:
+            ax.set_xlabel("ADMM iteration")
+        fig.tight_layout()
+        fig.savefig(out / "admm_history.png", dpi=120)
+        plt.close(fig)
+        written.append(str(out / "admm_history.png"))
+    return written

@@ -1,0 +1,149 @@
+"""The command line end to end on a tiny synthetic recipe, and its errors (exit 2)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from admmprune import cli
+from admmprune.checkpoint import load_params
+from admmprune.models import accuracy, init_model
+from admmprune.recipes import RecipeError, load_recipe
+from admmprune.runner import load_data
+
+TINY = """
+[problem]
+model = "lenet300"
+data = "synthetic"
+seed = 3
+
+[data]
+synthetic_train = 512
+synthetic_test = 256
+
+[dense]
+epochs = 2
+
+[budget]
+keep = 0.05
+
+[solver]
+method = "admm"
+iterations = 2
+retrain_epochs = 1
+batch_size = 64
+"""
+
+REPORT_KEYS = {
+    "problem", "method", "budget", "prunable_weights", "nonzero_weights", "kept_fraction",
+    "test_accuracy", "dense_test_accuracy", "epochs", "wall_seconds", "per_layer",
+}
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADMMPRUNE_DATA_DIR", str(tmp_path / "cache"))
+
+
+def _recipe(tmp_path: Path, text: str = TINY, name: str = "tiny") -> Path:
+    path = tmp_path / f"{name}.toml"
+    path.write_text(text)
+    return path
+
+
+def test_solve_writes_a_report_and_params_that_reproduce_it(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["solve", str(_recipe(tmp_path)), "--out", str(out), "--no-plots"]) == 0
+    printed = capsys.readouterr().out
+    assert "fc1/kernel" in printed and "total" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert REPORT_KEYS <= set(report)
+    assert report["problem"] == "tiny" and report["method"] == "admm"
+    assert report["prunable_weights"] == 266_200
+    assert report["nonzero_weights"] == round(0.05 * 266_200)
+    assert report["epochs"] == 3
+    assert [x["name"] for x in report["per_layer"]] == ["fc1/kernel", "fc2/kernel", "fc3/kernel"]
+    assert set(report["per_layer"][0]) >= {"name", "shape", "nonzero", "kept_fraction"}
+    with np.load(out / "params.npz") as f:
+        assert sorted(f.files) == sorted(
+            f"{layer}/{leaf}" for layer in ("fc1", "fc2", "fc3") for leaf in ("kernel", "bias")
+        )
+    like, apply = init_model("lenet300")
+    params = load_params(out / "params.npz", like)
+    _, (tx, ty) = load_data(load_recipe(_recipe(tmp_path)))
+    assert accuracy(apply, params, tx, ty) == pytest.approx(report["test_accuracy"])
+    assert int(sum(np.count_nonzero(np.asarray(params[n]["kernel"])) for n in params)) == (
+        report["nonzero_weights"]
+    )
+
+
+def test_json_output_and_resume_from_checkpoint(tmp_path, capsys):
+    out = tmp_path / "out"
+    recipe = str(_recipe(tmp_path))
+    assert cli.main(["solve", recipe, "--out", str(out), "--json", "--no-plots"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert "history" not in first and first["kept_fraction"] == pytest.approx(0.05, abs=1e-5)
+    assert (out / "checkpoint.npz").exists()
+    assert cli.main(["solve", recipe, "--out", str(out), "--json", "--resume", "--no-plots"]) == 0
+    resumed = json.loads(capsys.readouterr().out)
+    assert resumed["resumed_from_iteration"] == 2
+    assert resumed["dense_cached"]  # the dense model came from the cache the first run wrote
+    report = json.loads((out / "report.json").read_text())
+    assert not [r for r in report["history"] if r["phase"] == "admm"]  # nothing left to iterate
+
+
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (("[solver]", "[solver]\nfoo = 1"), "solver.foo: unknown key"),
+        (("iterations = 2", 'iterations = "two"'), "solver.iterations: expected an integer"),
+        (("iterations = 2", "iterations = 2\nrounds = 3"), "solver.rounds: not a setting of"),
+        (("keep = 0.05", "count = 300000"), "count=300000 exceeds the 266200 prunable weights"),
+        (("keep = 0.05", "keep = 1.5"), "budget.keep: must be in [0, 1]"),
+        (('model = "lenet300"', 'model = "vgg"'), "problem.model: 'vgg' is not one of"),
+        (("[dense]", "[training]"), "unknown section [training]"),
+        (("keep = 0.05", 'per_layer = { fc9 = 0.1 }'), "'fc9' matches no prunable leaf"),
+    ],
+)
+def test_bad_recipes_exit_2_naming_the_problem(tmp_path, capsys, edit, words):
+    path = _recipe(tmp_path, TINY.replace(*edit))
+    assert cli.main(["solve", str(path), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.startswith("admmprune: error:")
+
+
+def test_overrides_are_validated_too(tmp_path, capsys):
+    path = str(_recipe(tmp_path))
+    args = ["solve", path, "--out", str(tmp_path / "o"), "--quiet", "--set", "solver.rho=high"]
+    assert cli.main(args) == 2
+    assert "solver.rho: expected a number, got 'high'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", sorted(Path("solvers").glob("*.toml")), ids=lambda p: p.stem)
+def test_shipped_recipes_are_valid(path):
+    recipe = load_recipe(path)
+    assert recipe.name == path.stem
+    quick = recipe.scaled(0.1)
+    assert quick.method == recipe.method
+
+
+def test_equal_epoch_recipes_really_are_equal():
+    from admmprune.cli import total_epochs
+
+    for pct in ("1pct", "2pct"):
+        epochs = {
+            m: total_epochs(load_recipe(f"solvers/lenet300_{m}_{pct}.toml"))
+            for m in ("admm", "magnitude", "imp")
+        }
+        assert len(set(epochs.values())) == 1, epochs
+        quick = {m: total_epochs(load_recipe(f"solvers/lenet300_{m}_{pct}.toml").scaled(0.1))
+                 for m in ("admm", "magnitude", "imp")}
+        assert len(set(quick.values())) == 1, quick
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(RecipeError, match="no such recipe file"):
+        load_recipe(tmp_path / "nope.toml")
