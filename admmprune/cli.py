@@ -17,6 +17,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+
 def _user_errors() -> tuple[type[Exception], ...]:
     from admmprune.budgets import BudgetError
     from admmprune.data import DataError
