@@ -222,7 +222,8 @@ class ADMM:
         eval_fn: EvalFn | None = None,
         callback: Callback | None = None,
         state: AdmmState | None = None,
-        on_iteration: Callable[[AdmmState], None] | None = None,
+        history: list[dict[str, Any]] | None = None,
+        on_iteration: Callable[[AdmmState, list[dict[str, Any]]], None] | None = None,
     ) -> PruneResult:
         """Runs ADMM, the hard prune and masked retraining.
 
@@ -231,23 +232,26 @@ class ADMM:
             loss_fn: ``loss_fn(params, batch) -> scalar``; jit-traceable.
             data: pytree of training arrays with a common leading axis,
                 e.g. ``(x, y)``; minibatches are drawn from it.
-            key: PRNG key (the run is deterministic given it).
+            key: PRNG key (the run is deterministic given it; pass the same
+                key when resuming).
             eval_fn: ``eval_fn(params) -> {"accuracy": ...}``, called after
-                every ADMM iteration (on W and on ``Proj_S(W)``, the latter
-                prefixed ``pruned_``), after the hard prune and after every
-                retraining epoch.
-            callback: called with every history record as it is made.
+                every ADMM iteration (on W, and prefixed ``pruned_`` on
+                ``Proj_S(W)``, what a hard prune now would give), after the
+                hard prune and after every retraining epoch.
+            callback: called with every new history record as it is made.
             state: an :class:`AdmmState` to resume from (e.g. a checkpoint);
                 ``params`` is then ignored.
-            on_iteration: called with the state after every ADMM iteration
-                (e.g. to save a checkpoint).
+            history: with ``state``, the records of the iterations already
+                run (they carry the residuals the ``tol`` test needs).
+            on_iteration: called with the state and the history after every
+                ADMM iteration (e.g. to save a checkpoint).
 
         Returns:
             A :class:`PruneResult`; ``state`` holds the final ADMM state.
         """
         start = time.perf_counter()
         check_batch_size(data, self.batch_size)
-        history: list[dict[str, Any]] = []
+        history = list(history or [])
 
         def emit(record: dict[str, Any]) -> None:
             history.append(record)
@@ -258,18 +262,17 @@ class ADMM:
         init_key, retrain_key = jax.random.split(key)
         if state is None:
             state = self.init(params, init_key)
-        converged = None if self.tol is None else False
-        epochs = 0
-        while int(state.iteration) < self.iterations:
+        converged = any(self.converged(r) for r in history if r.get("phase") == "admm")
+        while not converged and int(state.iteration) < self.iterations:
             state, record = self.update(state, loss_fn, data)
-            epochs += self.epochs_per_iteration
-            with_eval(record, state.params, eval_fn)
-            emit(with_eval(record, state.z, eval_fn, prefix="pruned_"))
+            if eval_fn is not None:
+                with_eval(record, state.params, eval_fn)
+                hard = apply_masks(state.params, self.budget.mask(state.params))
+                with_eval(record, hard, eval_fn, prefix="pruned_")
+            emit(record)
+            converged = self.converged(record)
             if on_iteration is not None:
-                on_iteration(state)
-            if self.converged(record):
-                converged = True
-                break
+                on_iteration(state, history)
 
         masks = self.budget.mask(state.params)
         pruned = apply_masks(state.params, masks)
@@ -291,7 +294,6 @@ class ADMM:
             phase="retrain",
         )
         history.extend(retrain_history)
-        epochs += self.retrain_epochs
         return finish(
             params=pruned,
             masks=masks,
@@ -299,8 +301,8 @@ class ADMM:
             history=history,
             method="admm",
             start=start,
-            epochs=epochs,
-            converged=converged,
+            epochs=int(state.iteration) * self.epochs_per_iteration + self.retrain_epochs,
+            converged=converged if self.tol is not None else None,
             state=state,
         )
 

@@ -70,17 +70,34 @@ def time_epochs(recipe_path: Path, repeats: int = 5) -> dict[str, Any]:
     key = jax.random.key(1)
     plain, admm = [], []
     for i in range(repeats + 1):  # the first round compiles both
-        _, _, p = run_epoch(params, plain_state, train, key, loss_fn=loss_fn, optimizer=opt,
-                            batch_size=bs)
-        _, _, a = run_epoch(params, state.opt_state, train, key, loss_fn=loss_fn, optimizer=opt,
-                            batch_size=bs, kind="admm", aux=(state.z, state.u, state.rho),
-                            flags=flags)
+        _, _, p = run_epoch(
+            params, plain_state, train, key, loss_fn=loss_fn, optimizer=opt, batch_size=bs
+        )
+        _, _, a = run_epoch(
+            params,
+            state.opt_state,
+            train,
+            key,
+            loss_fn=loss_fn,
+            optimizer=opt,
+            batch_size=bs,
+            kind="admm",
+            aux=(state.z, state.u, state.rho),
+            flags=flags,
+        )
         if i:
             plain.append(p.seconds)
             admm.append(a.seconds)
     p, a = statistics.median(plain), statistics.median(admm)
-    return {"model": recipe.problem["model"], "repeats": repeats, "plain_epoch_seconds": p,
-            "admm_epoch_seconds": a, "ratio": a / p, "plain_all": plain, "admm_all": admm}
+    return {
+        "model": recipe.problem["model"],
+        "repeats": repeats,
+        "plain_epoch_seconds": p,
+        "admm_epoch_seconds": a,
+        "ratio": a / p,
+        "plain_all": plain,
+        "admm_all": admm,
+    }
 
 
 def _row(report: dict[str, Any]) -> dict[str, Any]:
@@ -114,16 +131,18 @@ def run_benchmark(
             progress.close()
         rows.append(_row(report))
         if not quiet:
-            print(f"{name}: test error {report['test_error']:.2%} at "
-                  f"{report['kept_fraction']:.2%} kept, {report['wall_seconds']:.0f} s", flush=True)
+            print(
+                f"{name}: test error {report['test_error']:.2%} at "
+                f"{report['kept_fraction']:.2%} kept, {report['wall_seconds']:.0f} s",
+                flush=True,
+            )
     timing = [time_epochs(solvers / "lenet300_admm_2pct.toml", repeats=2 if quick else 5)]
     if any(r["model"] == "lenet5" for r in rows):
         timing.append(time_epochs(solvers / "lenet5_admm_1pct.toml", repeats=2 if quick else 3))
     results = {
         "command": "admmprune bench" + (" --quick" if quick else ""),
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()}), "
-                  f"{platform.machine()}",
+        "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()}), {platform.machine()}",
         "quick": quick,
         "total_wall_seconds": time.perf_counter() - started,
         "runs": rows,
@@ -147,24 +166,35 @@ def check_targets(rows: list[dict[str, Any]], timing: list[dict[str, Any]]) -> l
 
     admm2 = by.get(("lenet300", "admm", 0.02))
     if admm2:
-        add("LeNet-300-100, 2% kept: test error <= 2.0%", f"{admm2['test_error']:.2%}",
-            admm2["test_error"] <= 0.02)
+        add(
+            "LeNet-300-100, 2% kept: test error <= 2.0%",
+            f"{admm2['test_error']:.2%}",
+            admm2["test_error"] <= 0.02,
+        )
     for kept in (0.02, 0.01):
         admm = by.get(("lenet300", "admm", kept))
         base = [by.get(("lenet300", m, kept)) for m in ("magnitude", "iterative_magnitude")]
         if admm and all(base):
             best = min(b["test_error"] for b in base)
-            add(f"LeNet-300-100, {kept:.0%} kept: ADMM beats both magnitude baselines",
+            add(
+                f"LeNet-300-100, {kept:.0%} kept: ADMM beats both magnitude baselines",
                 f"{admm['test_error']:.2%} vs best baseline {best:.2%}",
-                admm["test_error"] < best)
+                admm["test_error"] < best,
+            )
     l5 = by.get(("lenet5", "admm", 0.01))
     if l5:
-        add("LeNet-5, 1% kept (100x): test error <= 1.0%", f"{l5['test_error']:.2%}",
-            l5["test_error"] <= 0.01)
+        add(
+            "LeNet-5, 1% kept (100x): test error <= 1.0%",
+            f"{l5['test_error']:.2%}",
+            l5["test_error"] <= 0.01,
+        )
     for t in timing:
-        add(f"{MODEL_NAMES[t['model']]}: ADMM W-step epoch / plain epoch <= 1.10",
+        add(
+            f"{MODEL_NAMES[t['model']]}: ADMM W-step epoch / plain epoch <= 1.10",
             f"{t['ratio']:.3f} ({t['admm_epoch_seconds']:.2f} s / "
-            f"{t['plain_epoch_seconds']:.2f} s)", t["ratio"] <= 1.10)
+            f"{t['plain_epoch_seconds']:.2f} s)",
+            t["ratio"] <= 1.10,
+        )
     return targets
 
 

@@ -21,7 +21,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import jax
 import numpy as np
 
-from admmprune._tree import PrunableFilter, PyTree, path_name, prunable_flags
+from admmprune._tree import PrunableFilter, PyTree, leaf_names, path_name, prunable_flags
 from admmprune.projections import topk_masks
 
 
@@ -118,7 +118,7 @@ class ParamBudget:
 
     keep: float | None = None
     count: int | None = None
-    per_layer: Mapping[str, float | int] | None = None
+    per_layer: Mapping[str, float | int] | tuple[tuple[str, float | int], ...] | None = None
     allocation: Literal["global", "uniform"] = "global"
     prunable_filter: PrunableFilter | None = dataclasses.field(default=None, compare=False)
     progress: float = 1.0
@@ -142,20 +142,39 @@ class ParamBudget:
         if self.per_layer is not None:
             if not self.per_layer:
                 raise BudgetError("per_layer is empty; name at least one layer.")
-            for name, v in self.per_layer.items():
+            for name, v in dict(self.per_layer).items():
                 if isinstance(v, bool) or not isinstance(v, int | float | np.number):
                     raise BudgetError(f"per_layer[{name!r}] must be a number, got {v!r}.")
-                if isinstance(v, float):
+                if _is_fraction(v):
                     _check_fraction(f"per_layer[{name!r}]", v)
                 elif v < 0:
                     raise BudgetError(f"per_layer[{name!r}] must be >= 0, got {v}.")
-            # Frozen and hashable: store the map as a sorted tuple-backed dict copy.
-            object.__setattr__(self, "per_layer", dict(sorted(self.per_layer.items())))
+            if self.allocation != "global":
+                raise BudgetError(
+                    "allocation applies to keep= and count=; per_layer= already says where."
+                )
+            # Frozen and hashable: keep the map as a sorted tuple of (name, value) pairs.
+            items = (
+                (str(k), float(v) if _is_fraction(v) else int(v))
+                for k, v in dict(self.per_layer).items()
+            )
+            object.__setattr__(self, "per_layer", tuple(sorted(items)))
 
     # ------------------------------------------------------------------ resolve
     def prunable(self, params: PyTree) -> list[bool]:
-        """Which leaves (in ``jax.tree.leaves`` order) this budget may prune."""
-        return prunable_flags(params, self.prunable_filter)
+        """Which leaves (in ``jax.tree.leaves`` order) this budget may prune.
+
+        With ``per_layer``, only the leaves its keys name: the others are not
+        in the budget set's constraints at all (ADMM does not penalize them).
+        """
+        flags = prunable_flags(params, self.prunable_filter)
+        if self.per_layer is None:
+            return flags
+        names = leaf_names(params)
+        return [
+            f and any(n == k or n.startswith(k + "/") for k, _ in self.per_layer)
+            for n, f in zip(names, flags, strict=True)
+        ]
 
     def resolve(self, params: PyTree) -> tuple[ResolvedGroup, ...]:
         """The top-k groups this budget means for ``params`` (shapes only).
@@ -167,7 +186,7 @@ class ParamBudget:
         flat = jax.tree_util.tree_flatten_with_path(params)[0]
         names = [path_name(p) for p, _ in flat]
         sizes = [int(np.prod(np.shape(leaf))) for _, leaf in flat]
-        flags = self.prunable(params)
+        flags = prunable_flags(params, self.prunable_filter)
         idx = [i for i, f in enumerate(flags) if f]
         total = sum(sizes[i] for i in idx)
         if not idx:
@@ -193,7 +212,7 @@ class ParamBudget:
         self, names: list[str], sizes: list[int], idx: list[int]
     ) -> tuple[ResolvedGroup, ...]:
         groups: dict[int, ResolvedGroup] = {}
-        for key, v in self.per_layer.items():
+        for key, v in self.per_layer:
             hits = [i for i in idx if names[i] == key or names[i].startswith(key + "/")]
             if not hits:
                 prunable_names = [names[i] for i in idx]
@@ -202,7 +221,7 @@ class ParamBudget:
                     f"prunable leaves are {prunable_names}."
                 )
             n = sum(sizes[i] for i in hits)
-            k = round(v * n) if isinstance(v, float) else int(v)
+            k = round(v * n) if _is_fraction(v) else int(v)
             if k > n:
                 raise BudgetError(
                     f"per_layer[{key!r}]={v} keeps more than the {n} weights of "
@@ -243,6 +262,10 @@ class ParamBudget:
         if self.per_layer is not None:
             out["per_layer"] = dict(self.per_layer)
         return out
+
+
+def _is_fraction(v: Any) -> bool:
+    return isinstance(v, float | np.floating)
 
 
 def _relaxed(k: int, n: int, t: float) -> int:

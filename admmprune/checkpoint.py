@@ -55,12 +55,12 @@ def load_checkpoint(path: str | Path, like: PyTree) -> PyTree:
             )
         out = []
         for i, leaf in enumerate(leaves):
-            if _is_key(leaf):
-                out.append(jax.random.wrap_key_data(jnp.asarray(f[f"key_{i}"])))
-                continue
-            name = f"leaf_{i}"
+            name = f"key_{i}" if _is_key(leaf) else f"leaf_{i}"
             if name not in files:
                 raise ValueError(f"{path} lacks {name}; it does not match the template.")
+            if _is_key(leaf):
+                out.append(jax.random.wrap_key_data(jnp.asarray(f[name])))
+                continue
             a = f[name]
             if a.shape != np.shape(leaf):
                 raise ValueError(

@@ -49,8 +49,9 @@ class Progress:
         if enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=desc, unit="epoch", dynamic_ncols=True,
-                            file=sys.stderr)
+            self.bar = tqdm(
+                total=total, desc=desc, unit="epoch", dynamic_ncols=True, file=sys.stderr
+            )
 
     def __call__(self, record: dict[str, Any]) -> None:
         if self.bar is None:
@@ -61,8 +62,12 @@ class Progress:
         post = {"phase": phase}
         if "iteration" in record and phase == "admm":
             post["it"] = record["iteration"]
-        for key, label in (("loss", "loss"), ("primal_relative", "r"), ("dual_relative", "s"),
-                           ("accuracy", "acc")):
+        for key, label in (
+            ("loss", "loss"),
+            ("primal_relative", "r"),
+            ("dual_relative", "s"),
+            ("accuracy", "acc"),
+        ):
             if key in record:
                 post[label] = f"{record[key]:.4g}"
         self.bar.set_postfix(post, refresh=True)
@@ -93,8 +98,7 @@ def format_report(report: dict[str, Any]) -> str:
     for layer in report["per_layer"]:
         shape = "x".join(map(str, layer["shape"]))
         lines.append(
-            f"{layer['name']:<16} {shape:<14} {layer['nonzero']:>9d} "
-            f"{layer['kept_fraction']:>8.2%}"
+            f"{layer['name']:<16} {shape:<14} {layer['nonzero']:>9d} {layer['kept_fraction']:>8.2%}"
         )
     lines.append(
         f"{'total':<16} {'':<14} {report['nonzero_weights']:>9d} {report['kept_fraction']:>8.2%}"
@@ -117,8 +121,9 @@ def cmd_solve(args: argparse.Namespace) -> int:
         recipe = recipe.with_overrides(dict(parse_override(s) for s in args.set))
     progress = Progress(total_epochs(recipe), recipe.name, enabled=not (args.quiet or args.json))
     try:
-        report = solve(recipe, args.out, callback=progress, resume=args.resume,
-                       plots=not args.no_plots)
+        report = solve(
+            recipe, args.out, callback=progress, resume=args.resume, plots=not args.no_plots
+        )
     finally:
         progress.close()
     if args.json:
@@ -133,8 +138,13 @@ def cmd_solve(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from admmprune.bench import run_benchmark
 
-    run_benchmark(Path(args.out), solvers=Path(args.solvers), quick=args.quick,
-                  quiet=args.quiet, only=args.only)
+    run_benchmark(
+        Path(args.out),
+        solvers=Path(args.solvers),
+        quick=args.quick,
+        quiet=args.quiet,
+        only=args.only,
+    )
     return 0
 
 
@@ -146,8 +156,10 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="admmprune", description="Pruning as constrained "
-                                "optimization: run recipes and benchmarks.")
+    p = argparse.ArgumentParser(
+        prog="admmprune",
+        description="Pruning as constrained optimization: run recipes and benchmarks.",
+    )
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("solve", help="run one recipe (a TOML file in solvers/)")
     s.add_argument("recipe", type=Path)
@@ -156,8 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the report (less history) as JSON")
     s.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.npz")
     s.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    s.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
-                   help="override a recipe value (repeatable), e.g. --set solver.rho=1e-3")
+    s.add_argument(
+        "--set",
+        action="append",
+        metavar="SECTION.KEY=VALUE",
+        help="override a recipe value (repeatable), e.g. --set solver.rho=1e-3",
+    )
     s.set_defaults(func=cmd_solve)
     b = sub.add_parser("bench", help="run the benchmark set and write results.md")
     b.add_argument("--out", type=Path, default=Path("runs/bench"))

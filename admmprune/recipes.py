@@ -58,10 +58,12 @@ class _Key:
     choices: tuple[Any, ...] | None = None
     minimum: float | None = None
     methods: tuple[str, ...] | None = None  # solver keys that only some methods take
+    positive: bool = False  # strictly above ``minimum``
 
 
-def _k(types, default, choices=None, minimum=None, methods=None) -> _Key:
-    return _Key(types if isinstance(types, tuple) else (types,), default, choices, minimum, methods)
+def _k(types, default, choices=None, minimum=None, methods=None, positive=False) -> _Key:
+    types = types if isinstance(types, tuple) else (types,)
+    return _Key(types, default, choices, minimum, methods, positive)
 
 
 SCHEMA: dict[str, dict[str, _Key]] = {
@@ -81,7 +83,7 @@ SCHEMA: dict[str, dict[str, _Key]] = {
     "dense": {
         "epochs": _k(int, 20, minimum=0),
         "optimizer": _k(str, "adam", choices=OPTIMIZERS),
-        "learning_rate": _k(_NUMBER, 1e-3, minimum=0),
+        "learning_rate": _k(_NUMBER, 1e-3, minimum=0, positive=True),
         "batch_size": _k(int, 128, minimum=1),
         "cache": _k(bool, True),
     },
@@ -94,13 +96,13 @@ SCHEMA: dict[str, dict[str, _Key]] = {
     "solver": {
         "method": _k(str, "admm", choices=METHODS),
         "optimizer": _k(str, "adam", choices=OPTIMIZERS),
-        "learning_rate": _k(_NUMBER, 1e-3, minimum=0),
+        "learning_rate": _k(_NUMBER, 1e-3, minimum=0, positive=True, methods=("admm",)),
         "batch_size": _k(int, 128, minimum=1),
-        "retrain_learning_rate": _k(_NUMBER, 1e-3, minimum=0),
+        "retrain_learning_rate": _k(_NUMBER, 1e-3, minimum=0, positive=True),
         "retrain_schedule": _k(str, "cosine", choices=SCHEDULES),
-        "rho": _k(_NUMBER, 1e-4, minimum=0, methods=("admm",)),
+        "rho": _k(_NUMBER, 1e-4, minimum=0, positive=True, methods=("admm",)),
         "rho_growth": _k(_NUMBER, 1.15, minimum=1, methods=("admm",)),
-        "rho_max": _k(_NUMBER, math.inf, minimum=0, methods=("admm",)),
+        "rho_max": _k(_NUMBER, None, minimum=0, positive=True, methods=("admm",)),  # None: no cap
         "iterations": _k(int, 60, minimum=0, methods=("admm",)),
         "epochs_per_iteration": _k(int, 1, minimum=1, methods=("admm",)),
         "tol": _k(_NUMBER, 0.0, minimum=0, methods=("admm",)),  # 0 = run all iterations
@@ -131,8 +133,12 @@ def _check_value(where: str, spec: _Key, value: Any) -> Any:
         raise RecipeError(f"{where}: expected {_type_name(spec.types)}, got {value!r}.")
     if spec.choices is not None and value not in spec.choices:
         raise RecipeError(f"{where}: {value!r} is not one of {list(spec.choices)}.")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RecipeError(f"{where}: must be a finite number, got {value!r}.")
     if spec.minimum is not None and value < spec.minimum:
         raise RecipeError(f"{where}: must be >= {spec.minimum}, got {value!r}.")
+    if spec.positive and value <= spec.minimum:
+        raise RecipeError(f"{where}: must be > {spec.minimum}, got {value!r}.")
     return float(value) if float in spec.types and int in spec.types else value
 
 
@@ -204,6 +210,10 @@ class Recipe:
             keep=b["keep"], count=b["count"], per_layer=b["per_layer"], allocation=b["allocation"]
         )
 
+    def fingerprint(self) -> str:
+        """A hash of the whole recipe (a checkpoint is only resumed by the recipe that wrote it)."""
+        return hashlib.sha256(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()
+
     def dense_key(self) -> str:
         """A hash of everything the dense model depends on (its cache key)."""
         basis = {
@@ -264,6 +274,8 @@ def parse_recipe(raw: Mapping[str, Any], *, name: str, path: str | None = None) 
         raise RecipeError(
             f"[budget] takes exactly one of keep, count or per_layer (got {given or 'none'})."
         )
+    if parsed["budget"]["per_layer"] is not None and "allocation" in raw.get("budget", {}):
+        raise RecipeError("budget.allocation: applies to keep and count; per_layer says where.")
     if parsed["budget"]["keep"] is not None and not 0 <= parsed["budget"]["keep"] <= 1:
         raise RecipeError(f"budget.keep: must be in [0, 1], got {parsed['budget']['keep']}.")
     if parsed["budget"]["count"] is not None and parsed["budget"]["count"] < 0:

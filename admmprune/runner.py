@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import math
 import platform
 import time
 from collections.abc import Callable
@@ -28,7 +29,7 @@ import admmprune
 from admmprune.checkpoint import load_checkpoint, load_params, save_checkpoint, save_params
 from admmprune.data import cache_dir, load_mnist, synthetic_classification
 from admmprune.models import accuracy, cross_entropy_loss, init_model
-from admmprune.recipes import Recipe, make_optimizer, retrain_learning_rate
+from admmprune.recipes import Recipe, RecipeError, make_optimizer, retrain_learning_rate
 from admmprune.results import PruneResult
 
 Callback = Callable[[dict[str, Any]], None]
@@ -70,9 +71,15 @@ def dense_params(
         return load_params(path, params), apply, {"cached": str(path)}
     opt = make_optimizer(dense["optimizer"], dense["learning_rate"])
     params, history = admmprune.train(
-        params, cross_entropy_loss(apply), train, optimizer=opt, epochs=dense["epochs"],
-        batch_size=dense["batch_size"], key=jax.random.key(recipe.problem["seed"]),
-        callback=callback, phase="dense",
+        params,
+        cross_entropy_loss(apply),
+        train,
+        optimizer=opt,
+        epochs=dense["epochs"],
+        batch_size=dense["batch_size"],
+        key=jax.random.key(recipe.problem["seed"]),
+        callback=callback,
+        phase="dense",
     )
     if dense["cache"]:
         save_params(path, params)
@@ -90,10 +97,16 @@ def make_solver(recipe: Recipe, steps_per_epoch: int) -> Any:
             s["optimizer"], retrain_learning_rate(recipe, s["retrain_epochs"], steps_per_epoch)
         )
         return admmprune.ADMM(
-            budget=budget, optimizer=opt, rho=s["rho"], rho_growth=s["rho_growth"],
-            rho_max=s["rho_max"], iterations=s["iterations"],
-            epochs_per_iteration=s["epochs_per_iteration"], tol=s["tol"] or None,
-            retrain_epochs=s["retrain_epochs"], retrain_optimizer=retrain,
+            budget=budget,
+            optimizer=opt,
+            rho=s["rho"],
+            rho_growth=s["rho_growth"],
+            rho_max=math.inf if s["rho_max"] is None else s["rho_max"],
+            iterations=s["iterations"],
+            epochs_per_iteration=s["epochs_per_iteration"],
+            tol=s["tol"] or None,
+            retrain_epochs=s["retrain_epochs"],
+            retrain_optimizer=retrain,
             batch_size=s["batch_size"],
         )
     if recipe.method == "magnitude":
@@ -101,16 +114,44 @@ def make_solver(recipe: Recipe, steps_per_epoch: int) -> Any:
             s["optimizer"], retrain_learning_rate(recipe, s["retrain_epochs"], steps_per_epoch)
         )
         return admmprune.MagnitudePrune(
-            budget=budget, optimizer=retrain, retrain_epochs=s["retrain_epochs"],
+            budget=budget,
+            optimizer=retrain,
+            retrain_epochs=s["retrain_epochs"],
             batch_size=s["batch_size"],
         )
     retrain = make_optimizer(
         s["optimizer"], retrain_learning_rate(recipe, s["epochs_per_round"], steps_per_epoch)
     )
     return admmprune.IterativeMagnitudePrune(
-        budget=budget, optimizer=retrain, rounds=s["rounds"],
-        epochs_per_round=s["epochs_per_round"], batch_size=s["batch_size"],
+        budget=budget,
+        optimizer=retrain,
+        rounds=s["rounds"],
+        epochs_per_round=s["epochs_per_round"],
+        batch_size=s["batch_size"],
     )
+
+
+def validate(recipe: Recipe, train_examples: int | None = None) -> None:
+    """Everything that can be checked before any work: budget, solver settings, batch sizes.
+
+    Raises:
+        RecipeError: naming the key to change.
+        BudgetError: for a budget no network can meet, saying what would be feasible.
+    """
+    params, _ = init_model(recipe.problem["model"], seed=recipe.problem["seed"])
+    recipe.budget_object().resolve(params)
+    try:
+        make_solver(recipe, steps_per_epoch=1)
+    except ValueError as e:
+        raise RecipeError(f"[solver]: {e}") from None
+    if train_examples is not None:
+        for section in ("dense", "solver"):
+            bs = getattr(recipe, section)["batch_size"]
+            if bs > train_examples:
+                raise RecipeError(
+                    f"{section}.batch_size: {bs} exceeds the {train_examples} training "
+                    f"examples; use at most {train_examples}."
+                )
 
 
 def solve(
@@ -123,15 +164,17 @@ def solve(
 ) -> dict[str, Any]:
     """Runs ``recipe`` and writes ``params.npz`` and ``report.json`` into ``out_dir``.
 
-    Returns the report (the contents of ``report.json``).
+    With ``resume``, an ADMM run continues from ``out_dir/checkpoint.npz``
+    (written after every iteration, with its history in ``checkpoint.json``)
+    if the same recipe wrote it. Returns the report (``report.json``'s content).
     """
     start = time.perf_counter()
+    validate(recipe)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    budget = recipe.budget_object()
     train, test = load_data(recipe)
+    validate(recipe, train_examples=int(train[0].shape[0]))
+    out.mkdir(parents=True, exist_ok=True)
     params, apply, dense_info = dense_params(recipe, train, callback)
-    budget.resolve(params)  # an infeasible budget fails here, before any pruning work
     loss_fn = cross_entropy_loss(apply)
 
     def evaluate(p: Any) -> dict[str, float]:
@@ -142,24 +185,41 @@ def solve(
     solver = make_solver(recipe, steps)
     key = jax.random.key(recipe.problem["seed"] + 1)
     extra: dict[str, Any] = {}
+    resumed_from = None
     if recipe.method == "admm":
-        ckpt = out / "checkpoint.npz"
-        state = None
-        if resume and ckpt.exists():
-            state = load_checkpoint(ckpt, solver.init(params, key))
-            extra["resumed_from_iteration"] = int(state.iteration)
-        extra["on_iteration"] = lambda s: save_checkpoint(ckpt, s)
-        extra["state"] = state
+        ckpt, side = out / "checkpoint.npz", out / "checkpoint.json"
+        if resume and ckpt.exists() and side.exists():
+            meta = json.loads(side.read_text())
+            if meta.get("recipe") != recipe.fingerprint():
+                raise RecipeError(
+                    f"{ckpt} was written by a different recipe (or other settings); "
+                    "drop --resume to start afresh, or use another --out directory."
+                )
+            extra["state"] = load_checkpoint(ckpt, solver.init(params, key))
+            extra["history"] = meta["history"]
+            resumed_from = int(extra["state"].iteration)
+
+        def on_iteration(state: Any, history: list[dict[str, Any]]) -> None:
+            save_checkpoint(ckpt, state)
+            meta = {"recipe": recipe.fingerprint(), "history": history}
+            side.write_text(json.dumps(meta, allow_nan=False))
+
+        extra["on_iteration"] = on_iteration
     result: PruneResult = solver.run(
-        params, loss_fn, train, key=key, eval_fn=evaluate, callback=callback,
-        **{k: v for k, v in extra.items() if k in ("on_iteration", "state")},
+        params, loss_fn, train, key=key, eval_fn=evaluate, callback=callback, **extra
     )
     save_params(out / "params.npz", result.params)
-    report = make_report(recipe, result, dense_acc, evaluate(result.params)["accuracy"],
-                         dense_info, time.perf_counter() - start)
-    if "resumed_from_iteration" in extra:
-        report["resumed_from_iteration"] = extra["resumed_from_iteration"]
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    report = make_report(
+        recipe,
+        result,
+        dense_acc,
+        evaluate(result.params)["accuracy"],
+        dense_info,
+        time.perf_counter() - start,
+    )
+    if resumed_from is not None:
+        report["resumed_from_iteration"] = resumed_from
+    (out / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     if plots:
         report["plots"] = save_plots(report, out)
     return report
@@ -178,8 +238,9 @@ def make_report(
     wall_seconds: float,
 ) -> dict[str, Any]:
     """The ``report.json`` record of one run."""
-    admm_seconds = [r["seconds"] / recipe.solver["epochs_per_iteration"]
-                    for r in result.records("admm")]
+    admm_seconds = [
+        r["seconds"] / recipe.solver["epochs_per_iteration"] for r in result.records("admm")
+    ]
     return {
         "problem": recipe.name,
         "model": recipe.problem["model"],

@@ -92,3 +92,18 @@ def test_describe_is_json_ready():
         "allocation": "global",
         "per_layer": {"fc1": 0.1},
     }
+
+
+def test_numpy_fractions_and_hashing():
+    b = ParamBudget(per_layer={"fc1": np.float32(0.5), "fc2": np.int64(3)})
+    masks = b.mask(TREE)
+    assert int(np.asarray(masks["fc1"]["kernel"]).sum()) == 25  # a fraction, not a count of 0
+    assert int(np.asarray(masks["fc2"]["kernel"]).sum()) == 3
+    assert hash(b) == hash(ParamBudget(per_layer={"fc2": 3, "fc1": 0.5}))
+
+
+def test_per_layer_constrains_only_the_named_leaves():
+    b = ParamBudget(per_layer={"fc2": 3})
+    assert b.prunable(TREE) == [False, False, False, True]  # fc1/bias, fc1/kernel, fc2/...
+    with pytest.raises(BudgetError, match="per_layer= already says where"):
+        ParamBudget(per_layer={"fc2": 3}, allocation="uniform")
