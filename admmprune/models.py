@@ -61,6 +61,29 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
     return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
+def _ones(v: Any) -> bool:
+    return v is None or all(int(e) == 1 for e in (v if isinstance(v, tuple | list) else (v,)))
+
+
+class Conv(nnx.Conv):
+    """``nnx.Conv`` whose stride-1, VALID, ungrouped case runs as :func:`conv2d_valid`.
+
+    Same parameters, same layout (HWIO), same results; other settings fall
+    back to ``nnx.Conv``.
+    """
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        simple = (
+            self.padding == "VALID"
+            and self.feature_group_count == 1
+            and self.bias is not None
+            and all(_ones(v) for v in (self.strides, self.kernel_dilation, self.input_dilation))
+        )
+        if not simple:
+            return super().__call__(x)
+        return conv2d_valid(x, self.kernel[...], self.bias[...])
+
+
 class LeNet5(nnx.Module):
     """LeNet-5 in Caffe's form (20-50-500-10; 430,500 weights).
 
@@ -72,15 +95,15 @@ class LeNet5(nnx.Module):
     """
 
     def __init__(self, rngs: nnx.Rngs) -> None:
-        self.conv1 = nnx.Conv(1, 20, (5, 5), padding="VALID", rngs=rngs)
-        self.conv2 = nnx.Conv(20, 50, (5, 5), padding="VALID", rngs=rngs)
+        self.conv1 = Conv(1, 20, (5, 5), padding="VALID", rngs=rngs)
+        self.conv2 = Conv(20, 50, (5, 5), padding="VALID", rngs=rngs)
         self.fc1 = nnx.Linear(800, 500, rngs=rngs)
         self.fc2 = nnx.Linear(500, 10, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.reshape(x.shape[0], 28, 28, 1)
-        x = max_pool_2x2(conv2d_valid(x, self.conv1.kernel[...], self.conv1.bias[...]))
-        x = max_pool_2x2(conv2d_valid(x, self.conv2.kernel[...], self.conv2.bias[...]))
+        x = max_pool_2x2(self.conv1(x))
+        x = max_pool_2x2(self.conv2(x))
         x = x.reshape(x.shape[0], -1)
         x = jax.nn.relu(self.fc1(x))
         return self.fc2(x)
@@ -88,6 +111,7 @@ class LeNet5(nnx.Module):
 
 __all__ = [
     "MODELS",
+    "Conv",
     "LeNet5",
     "LeNet300",
     "accuracy",

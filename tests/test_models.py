@@ -126,3 +126,21 @@ def test_import_is_light():
     code = "import sys, admmprune; print(sorted(m for m in ('cvxpy', 'flax') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"padding": "VALID"},
+        {"padding": "SAME"},
+        {"padding": "VALID", "strides": 2},
+        {"padding": "VALID", "feature_group_count": 2},
+    ],
+)
+def test_conv_module_matches_flax_in_every_setting(kwargs):
+    from admmprune.models import Conv
+
+    ours = Conv(4, 6, (3, 3), rngs=nnx.Rngs(0), **kwargs)
+    theirs = nnx.Conv(4, 6, (3, 3), rngs=nnx.Rngs(0), **kwargs)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 9, 9, 4)), jnp.float32)
+    np.testing.assert_allclose(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
