@@ -91,14 +91,16 @@ def make_solver(recipe: Recipe, steps_per_epoch: int) -> Any:
     """The recipe's solver object (ADMM, MagnitudePrune or IterativeMagnitudePrune)."""
     s = recipe.solver
     budget = recipe.budget_object()
-    opt = make_optimizer(s["optimizer"], s["learning_rate"])
+    phase_epochs = (
+        s["epochs_per_round"] if recipe.method == "iterative_magnitude" else (s["retrain_epochs"])
+    )
+    retrain = make_optimizer(
+        s["optimizer"], retrain_learning_rate(recipe, phase_epochs, steps_per_epoch)
+    )
     if recipe.method == "admm":
-        retrain = make_optimizer(
-            s["optimizer"], retrain_learning_rate(recipe, s["retrain_epochs"], steps_per_epoch)
-        )
         return admmprune.ADMM(
             budget=budget,
-            optimizer=opt,
+            optimizer=make_optimizer(s["optimizer"], s["learning_rate"]),
             rho=s["rho"],
             rho_growth=s["rho_growth"],
             rho_max=math.inf if s["rho_max"] is None else s["rho_max"],
@@ -110,18 +112,12 @@ def make_solver(recipe: Recipe, steps_per_epoch: int) -> Any:
             batch_size=s["batch_size"],
         )
     if recipe.method == "magnitude":
-        retrain = make_optimizer(
-            s["optimizer"], retrain_learning_rate(recipe, s["retrain_epochs"], steps_per_epoch)
-        )
         return admmprune.MagnitudePrune(
             budget=budget,
             optimizer=retrain,
             retrain_epochs=s["retrain_epochs"],
             batch_size=s["batch_size"],
         )
-    retrain = make_optimizer(
-        s["optimizer"], retrain_learning_rate(recipe, s["epochs_per_round"], steps_per_epoch)
-    )
     return admmprune.IterativeMagnitudePrune(
         budget=budget,
         optimizer=retrain,

@@ -165,6 +165,10 @@ def test_shipped_recipes_are_valid(path):
     from admmprune.cli import total_epochs
 
     assert total_epochs(recipe.scaled(0.1)) < total_epochs(recipe) / 5
+    from admmprune.runner import make_solver, validate
+
+    validate(recipe)  # the budget resolves and the solver builds, for every method
+    assert make_solver(recipe, steps_per_epoch=468).epochs == total_epochs(recipe) - 20
 
 
 def test_equal_epoch_recipes_really_are_equal():
@@ -186,3 +190,16 @@ def test_equal_epoch_recipes_really_are_equal():
 def test_missing_recipe_file(tmp_path):
     with pytest.raises(RecipeError, match="no such recipe file"):
         load_recipe(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize(
+    "solver",
+    ['method = "magnitude"\nretrain_epochs = 1\nbatch_size = 64',
+     'method = "iterative_magnitude"\nrounds = 2\nepochs_per_round = 1\nbatch_size = 64'],
+    ids=["magnitude", "iterative_magnitude"],
+)
+def test_baseline_recipes_run_end_to_end(tmp_path, solver):
+    text = TINY[: TINY.index("[solver]")] + "[solver]\n" + solver + "\n"
+    report = solve(load_recipe(_recipe(tmp_path, text)), tmp_path / "o", plots=False)
+    assert report["nonzero_weights"] == round(0.05 * 266_200)
+    assert report["method"] in ("magnitude", "iterative_magnitude")
