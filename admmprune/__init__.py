@@ -13,7 +13,7 @@ from admmprune._tree import apply_masks, default_prunable, leaf_names
 from admmprune.admm import ADMM, AdmmState
 from admmprune.baselines import IterativeMagnitudePrune, MagnitudePrune
 from admmprune.budgets import Budget, BudgetError, ParamBudget
-from admmprune.checkpoint import load_checkpoint, save_checkpoint
+from admmprune.checkpoint import load_checkpoint, load_params, save_checkpoint, save_params
 from admmprune.projections import project
 from admmprune.results import LayerStats, PruneResult
 from admmprune.training import train
@@ -34,7 +34,9 @@ __all__ = [
     "default_prunable",
     "leaf_names",
     "load_checkpoint",
+    "load_params",
     "project",
     "save_checkpoint",
+    "save_params",
     "train",
 ]

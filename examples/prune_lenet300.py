@@ -15,7 +15,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import admmprune
@@ -50,12 +49,7 @@ def main() -> None:
 
     key = jax.random.key(args.seed)
     if args.dense is not None and args.dense.exists():
-        with np.load(args.dense, allow_pickle=False) as f:
-            flat = {k: jnp.asarray(f[k]) for k in f.files}
-        params = {
-            layer: {"kernel": flat[f"{layer}/kernel"], "bias": flat[f"{layer}/bias"]}
-            for layer in params
-        }
+        params = admmprune.load_params(args.dense, params)
         print(f"loaded dense params from {args.dense}")
     else:
         t0 = time.perf_counter()
@@ -73,12 +67,7 @@ def main() -> None:
         )
         print(f"dense training: {time.perf_counter() - t0:.1f} s")
         if args.dense is not None:
-            flat = {
-                f"{layer}/{name}": np.asarray(v)
-                for layer, leaves in params.items()
-                for name, v in leaves.items()
-            }
-            np.savez(args.dense, **flat)
+            admmprune.save_params(args.dense, params)
     dense_acc = evaluate(params)["accuracy"]
 
     solver = admmprune.ADMM(

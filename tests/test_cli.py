@@ -194,8 +194,10 @@ def test_missing_recipe_file(tmp_path):
 
 @pytest.mark.parametrize(
     "solver",
-    ['method = "magnitude"\nretrain_epochs = 1\nbatch_size = 64',
-     'method = "iterative_magnitude"\nrounds = 2\nepochs_per_round = 1\nbatch_size = 64'],
+    [
+        'method = "magnitude"\nretrain_epochs = 1\nbatch_size = 64',
+        'method = "iterative_magnitude"\nrounds = 2\nepochs_per_round = 1\nbatch_size = 64',
+    ],
     ids=["magnitude", "iterative_magnitude"],
 )
 def test_baseline_recipes_run_end_to_end(tmp_path, solver):
