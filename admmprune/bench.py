@@ -114,7 +114,7 @@ def run_benchmark(
 ) -> dict[str, Any]:
     """Runs the set, writing one report per run, ``results.json`` and ``results.md``."""
     from admmprune.cli import Progress, total_epochs
-    from admmprune.runner import solve
+    from admmprune.runner import solve, validate
 
     names = [n for n in (QUICK if quick else FULL) if not only or any(o in n for o in only)]
     out.mkdir(parents=True, exist_ok=True)
@@ -124,6 +124,7 @@ def run_benchmark(
         recipe = load_recipe(solvers / f"{name}.toml")
         if quick:
             recipe = recipe.scaled(QUICK_FACTOR)
+        validate(recipe)
         progress = Progress(total_epochs(recipe), name, enabled=not quiet)
         try:
             report = solve(recipe, out / name, callback=progress)

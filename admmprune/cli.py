@@ -78,18 +78,12 @@ class Progress:
 
 
 def total_epochs(recipe: Any) -> int:
-    from admmprune.data import cache_dir
+    """Epochs the run will train: dense (unless cached) plus the solver's own."""
+    from admmprune.runner import dense_cache_path, make_solver
 
-    dense = recipe.dense["epochs"]
-    cached = cache_dir() / "dense" / f"{recipe.problem['model']}-{recipe.dense_key()}.npz"
-    if recipe.dense["cache"] and cached.exists():
-        dense = 0
-    s = recipe.solver
-    if recipe.method == "admm":
-        return dense + s["iterations"] * s["epochs_per_iteration"] + s["retrain_epochs"]
-    if recipe.method == "magnitude":
-        return dense + s["retrain_epochs"]
-    return dense + s["rounds"] * s["epochs_per_round"]
+    cached = recipe.dense["cache"] and dense_cache_path(recipe).exists()
+    dense = 0 if cached else recipe.dense["epochs"]
+    return dense + make_solver(recipe, steps_per_epoch=1).epochs
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -114,11 +108,12 @@ def format_report(report: dict[str, Any]) -> str:
 
 def cmd_solve(args: argparse.Namespace) -> int:
     from admmprune.recipes import load_recipe
-    from admmprune.runner import solve
+    from admmprune.runner import solve, validate
 
     recipe = load_recipe(args.recipe)
     if args.set:
         recipe = recipe.with_overrides(dict(parse_override(s) for s in args.set))
+    validate(recipe)  # before the progress bar, which builds the solver to count epochs
     progress = Progress(total_epochs(recipe), recipe.name, enabled=not (args.quiet or args.json))
     try:
         report = solve(

@@ -56,6 +56,11 @@ def load_data(recipe: Recipe) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Ar
     return tuple(map(jnp.asarray, train)), tuple(map(jnp.asarray, test))
 
 
+def dense_cache_path(recipe: Recipe) -> Path:
+    """Where the recipe's dense model is cached (keyed by a hash of its settings)."""
+    return cache_dir() / "dense" / f"{recipe.problem['model']}-{recipe.dense_key()}.npz"
+
+
 def dense_params(
     recipe: Recipe, train: tuple[jax.Array, jax.Array], callback: Callback | None = None
 ) -> tuple[Any, Callable, dict[str, Any]]:
@@ -66,7 +71,7 @@ def dense_params(
     """
     params, apply = init_model(recipe.problem["model"], seed=recipe.problem["seed"])
     dense = recipe.dense
-    path = cache_dir() / "dense" / f"{recipe.problem['model']}-{recipe.dense_key()}.npz"
+    path = dense_cache_path(recipe)
     if dense["cache"] and path.exists():
         return load_params(path, params), apply, {"cached": str(path)}
     opt = make_optimizer(dense["optimizer"], dense["learning_rate"])
@@ -127,8 +132,8 @@ def make_solver(recipe: Recipe, steps_per_epoch: int) -> Any:
     )
 
 
-def validate(recipe: Recipe, train_examples: int | None = None) -> None:
-    """Everything that can be checked before any work: budget, solver settings, batch sizes.
+def validate(recipe: Recipe) -> None:
+    """Everything that can be checked before any work: the budget and the solver settings.
 
     Raises:
         RecipeError: naming the key to change.
@@ -140,14 +145,17 @@ def validate(recipe: Recipe, train_examples: int | None = None) -> None:
         make_solver(recipe, steps_per_epoch=1)
     except ValueError as e:
         raise RecipeError(f"[solver]: {e}") from None
-    if train_examples is not None:
-        for section in ("dense", "solver"):
-            bs = getattr(recipe, section)["batch_size"]
-            if bs > train_examples:
-                raise RecipeError(
-                    f"{section}.batch_size: {bs} exceeds the {train_examples} training "
-                    f"examples; use at most {train_examples}."
-                )
+
+
+def check_batch_sizes(recipe: Recipe, train_examples: int) -> None:
+    """Both batch sizes fit the training set (checked once the data is loaded)."""
+    for section in ("dense", "solver"):
+        bs = getattr(recipe, section)["batch_size"]
+        if bs > train_examples:
+            raise RecipeError(
+                f"{section}.batch_size: {bs} exceeds the {train_examples} training "
+                f"examples; use at most {train_examples}."
+            )
 
 
 def solve(
@@ -168,7 +176,7 @@ def solve(
     validate(recipe)
     out = Path(out_dir)
     train, test = load_data(recipe)
-    validate(recipe, train_examples=int(train[0].shape[0]))
+    check_batch_sizes(recipe, int(train[0].shape[0]))
     out.mkdir(parents=True, exist_ok=True)
     params, apply, dense_info = dense_params(recipe, train, callback)
     loss_fn = cross_entropy_loss(apply)

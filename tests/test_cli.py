@@ -142,13 +142,23 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, capsys
         (('model = "lenet300"', 'model = "vgg"'), "problem.model: 'vgg' is not one of"),
         (("[dense]", "[training]"), "unknown section [training]"),
         (("keep = 0.05", "per_layer = { fc9 = 0.1 }"), "'fc9' matches no prunable leaf"),
+        (("iterations = 2", "iterations = 2\nrho = 0.0"), "solver.rho: must be > 0"),
+        (("iterations = 2", "iterations = 2\ntol = nan"), "solver.tol: must be a finite number"),
+        (("iterations = 2", "iterations = 2\nrho = 1.0\nrho_max = 0.5"), "rho_max=0.5 is below"),
+        (("batch_size = 64", "batch_size = 600"), "solver.batch_size: 600 exceeds the 512"),
+        (
+            ("keep = 0.05", 'per_layer = { fc1 = 0.1 }\nallocation = "uniform"'),
+            "budget.allocation",
+        ),
     ],
 )
-def test_bad_recipes_exit_2_naming_the_problem(tmp_path, capsys, edit, words):
+def test_bad_recipes_exit_2_before_any_work(tmp_path, capsys, edit, words):
     path = _recipe(tmp_path, TINY.replace(*edit))
     assert cli.main(["solve", str(path), "--out", str(tmp_path / "o"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert words in err and err.startswith("admmprune: error:")
+    assert not (tmp_path / "cache" / "dense").exists()  # no dense model was trained
+    assert not (tmp_path / "o").exists()
 
 
 def test_overrides_are_validated_too(tmp_path, capsys):
