@@ -2,18 +2,28 @@
 
     minimize L(W)  subject to  W in S
 
-``S`` is a budget (:class:`ParamBudget`); :func:`project` is the exact
-Euclidean projection onto it; :class:`ADMM` solves the problem by ADMM
-splitting, then hard-prunes and retrains with the mask fixed.
-:class:`MagnitudePrune` and :class:`IterativeMagnitudePrune` are the
-baselines in the same API.
+``S`` is a budget: :class:`ParamBudget` (nonzero weights) or
+:class:`EnergyBudget` (the energy of an :class:`AcceleratorEnergy` or
+:class:`LinearEnergy` model). :func:`project` is the Euclidean projection onto
+it (exact top-k; a knapsack for energy); :class:`ADMM` solves the problem by
+ADMM splitting, then hard-prunes and retrains with the mask fixed.
+:class:`MagnitudePrune`, :class:`IterativeMagnitudePrune` and
+:class:`ProjectedSGD` are the baselines in the same API.
 """
 
 from admmprune._tree import apply_masks, default_prunable, leaf_names
 from admmprune.admm import ADMM, AdmmState
-from admmprune.baselines import IterativeMagnitudePrune, MagnitudePrune
+from admmprune.baselines import IterativeMagnitudePrune, MagnitudePrune, ProjectedSGD
 from admmprune.budgets import Budget, BudgetError, ParamBudget
 from admmprune.checkpoint import load_checkpoint, load_params, save_checkpoint, save_params
+from admmprune.energy import (
+    AcceleratorEnergy,
+    BilinearEnergy,
+    EnergyBudget,
+    LinearEnergy,
+    layer_shapes,
+)
+from admmprune.knapsack import KnapsackStats, exact_knapsack, greedy_knapsack
 from admmprune.projections import project
 from admmprune.results import LayerStats, PruneResult
 from admmprune.training import train
@@ -22,16 +32,25 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ADMM",
+    "AcceleratorEnergy",
     "AdmmState",
+    "BilinearEnergy",
     "Budget",
     "BudgetError",
+    "EnergyBudget",
     "IterativeMagnitudePrune",
+    "KnapsackStats",
     "LayerStats",
+    "LinearEnergy",
     "MagnitudePrune",
     "ParamBudget",
+    "ProjectedSGD",
     "PruneResult",
     "apply_masks",
     "default_prunable",
+    "exact_knapsack",
+    "greedy_knapsack",
+    "layer_shapes",
     "leaf_names",
     "load_checkpoint",
     "load_params",

@@ -27,10 +27,11 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +58,8 @@ class AdmmState(NamedTuple):
         rho: the current penalty (scalar array).
         iteration: ADMM iterations completed (scalar int array).
         key: PRNG key for the next shuffles.
+        metric: per-leaf penalty weights d_l (scalar arrays, like params) for
+            ``metric="fisher"``; None for the Euclidean metric.
     """
 
     params: PyTree
@@ -66,6 +69,7 @@ class AdmmState(NamedTuple):
     rho: jax.Array
     iteration: jax.Array
     key: jax.Array
+    metric: PyTree = None
 
 
 def _zeros_like(tree: PyTree) -> PyTree:
@@ -93,6 +97,23 @@ class ADMM:
         compensate: optional ``compensate(params, masks) -> params`` applied
             at the hard prune instead of plain zeroing (e.g. OBS); its
             output is masked again, so it cannot revive pruned weights.
+        metric: the norm of the splitting. ``"euclidean"``: the penalty
+            ``rho/2 ||W - Z + U||^2`` and the Euclidean projection.
+            ``"fisher"``: a diagonal metric with one weight per layer,
+            ``rho/2 sum_l d_l ||W_l - Z_l + U_l||^2``, with d_l the layer's
+            mean empirical-Fisher diagonal ``E[(dL/dw)^2]`` at the initial
+            weights (normalized to weight-average 1), fixed for the run. The
+            Z-step projects in the same metric (the support of the Euclidean
+            projection of ``sqrt(d_l) V``), and so does the hard prune. This
+            is still ADMM (for the equivalent constraint
+            ``D^(1/2) (W - Z) = 0``); it matters when a budget trades weights
+            across layers at different prices (energy), where the Euclidean
+            knapsack ranks by ``v^2 / c`` and ignores that a weight of an
+            early convolution, reused at every position, moves the loss far
+            more than its magnitude says (the OBD saliency ``h_ii w_i^2``,
+            with the layer-averaged Fisher standing in for ``h_ii``).
+        metric_examples: training examples whose per-example gradients
+            estimate the Fisher diagonal.
     """
 
     budget: Budget
@@ -107,14 +128,22 @@ class ADMM:
     retrain_optimizer: optax.GradientTransformation | None = None
     batch_size: int = 128
     compensate: Compensate | None = None
+    metric: Literal["euclidean", "fisher"] = "euclidean"
+    metric_examples: int = 1024
 
     def __post_init__(self) -> None:
+        if self.metric not in ("euclidean", "fisher"):
+            raise ValueError(f"metric must be 'euclidean' or 'fisher', got {self.metric!r}.")
         if not (self.rho > 0 and math.isfinite(self.rho)):
             raise ValueError(f"rho must be positive and finite, got {self.rho}.")
         if self.rho_growth < 1:
             raise ValueError(f"rho_growth must be >= 1 (1 = constant), got {self.rho_growth}.")
         if self.rho_max < self.rho:
             raise ValueError(f"rho_max={self.rho_max} is below rho={self.rho}.")
+        if not isinstance(self.metric_examples, int) or self.metric_examples < 1:
+            raise ValueError(
+                f"metric_examples must be a positive integer, got {self.metric_examples!r}."
+            )
         for name in ("iterations", "epochs_per_iteration", "retrain_epochs"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
@@ -132,9 +161,9 @@ class ADMM:
         return min(self.rho * self.rho_growth**iteration, self.rho_max)
 
     # ---------------------------------------------------------------- pieces
-    def init(self, params: PyTree, key: jax.Array) -> AdmmState:
-        """Initial state: ``Z = Proj_S(W)``, ``U = 0``, fresh optimizer state."""
-        z = apply_masks(params, self.budget.mask(params))
+    def init(self, params: PyTree, key: jax.Array, metric: PyTree = None) -> AdmmState:
+        """Initial state: ``Z = Proj_S(W)`` (in ``metric``), ``U = 0``, fresh optimizer state."""
+        z = apply_masks(params, self.budget.mask(_scaled(params, metric)))
         return AdmmState(
             params=params,
             opt_state=self.optimizer.init(params),
@@ -143,7 +172,38 @@ class ADMM:
             rho=jnp.asarray(self.rho, jnp.float32),
             iteration=jnp.asarray(0, jnp.int32),
             key=key,
+            metric=metric,
         )
+
+    def fisher_metric(
+        self, params: PyTree, loss_fn: LossFn, data: PyTree, key: jax.Array
+    ) -> PyTree | None:
+        """The per-leaf weights d_l of ``metric="fisher"`` (None for Euclidean).
+
+        d_l is the mean over layer l of the empirical Fisher diagonal,
+        ``mean_i E_x[(dL(x)/dw_i)^2]``, from per-example gradients of
+        ``metric_examples`` training examples drawn with ``key``; prunable
+        leaves are normalized so the weight-count-weighted mean of d is 1
+        (rho keeps its meaning), other leaves get 1.
+        """
+        if self.metric == "euclidean":
+            return None
+        flags = self.budget.prunable(params)
+        n = jax.tree.leaves(data)[0].shape[0]
+        chunk = min(64, self.metric_examples, n)
+        m = (min(self.metric_examples, n) // chunk) * chunk
+        idx = jax.random.permutation(key, n)[:m]
+        sums = _fisher_layer_sums(params, loss_fn, jax.tree.map(lambda a: a[idx], data), chunk)
+        leaves, treedef = jax.tree.flatten(params)
+        sizes = [leaf.size for leaf in leaves]
+        means = [float(v) / (m * size) for v, size in zip(sums, sizes, strict=True)]
+        total = sum(size for size, f in zip(sizes, flags, strict=True) if f)
+        avg = sum(mu * size for mu, size, f in zip(means, sizes, flags, strict=True) if f) / total
+        d = [
+            jnp.asarray(mu / avg if f and avg > 0 else 1.0, jnp.float32)
+            for mu, f in zip(means, flags, strict=True)
+        ]
+        return jax.tree.unflatten(treedef, d)
 
     def update(
         self, state: AdmmState, loss_fn: LossFn, data: PyTree
@@ -156,7 +216,10 @@ class ADMM:
             ``dual_residual`` ``rho ||Z - Z_prev||``, their values relative to
             ``||W||``, ``rho`` (the penalty used) and ``support_change``
             (the fraction of prunable weights whose membership in Z's support
-            changed).
+            changed). A budget with ``metrics`` adds its figures for Z (an
+            :class:`~admmprune.energy.EnergyBudget`: ``energy`` and
+            ``energy_fraction``) and one with ``project_with_stats`` the
+            Z-step's ``projection_gap`` (relative knapsack gap bound).
         """
         flags = self.budget.prunable(state.params)
         params, opt_state, key = state.params, state.opt_state, state.key
@@ -173,12 +236,16 @@ class ADMM:
                 optimizer=self.optimizer,
                 batch_size=self.batch_size,
                 kind="admm",
-                aux=(state.z, state.u, rho),
+                aux=(state.z, state.u, rho)
+                if state.metric is None
+                else (state.z, state.u, rho, state.metric),
                 flags=tuple(flags),
             )
             losses.append(stats.loss)
             seconds += stats.seconds
-        z_new, u_new, figures = _z_and_u_step(params, state.z, state.u, rho, self.budget, flags)
+        z_new, u_new, figures = _z_and_u_step(
+            params, state.z, state.u, rho, self.budget, flags, state.metric
+        )
         it = int(state.iteration)
         next_rho = self.rho_at(it + 1)
         scale = float(rho) / next_rho
@@ -192,6 +259,7 @@ class ADMM:
             jnp.asarray(next_rho, jnp.float32),
             jnp.asarray(it + 1, jnp.int32),
             key,
+            state.metric,
         )
         record = {
             "phase": "admm",
@@ -202,6 +270,11 @@ class ADMM:
             "seconds": seconds,  # the W-step epochs of this iteration
         }
         return new_state, record
+
+    def hard_prune(self, state: AdmmState) -> tuple[PyTree, PyTree]:
+        """``(Proj_S(W), mask)`` in the run's metric: what a hard prune now gives."""
+        masks = self.budget.mask(_scaled(state.params, state.metric))
+        return apply_masks(state.params, masks), masks
 
     def converged(self, record: Mapping[str, Any]) -> bool:
         """Whether an iteration's relative residuals are both below ``tol``."""
@@ -261,21 +334,22 @@ class ADMM:
         # The same split whether or not we resume, so a resumed run retrains identically.
         init_key, retrain_key = jax.random.split(key)
         if state is None:
-            state = self.init(params, init_key)
+            metric_key = jax.random.fold_in(init_key, 1)
+            metric = self.fisher_metric(params, loss_fn, data, metric_key)
+            state = self.init(params, init_key, metric)
         converged = any(self.converged(r) for r in history if r.get("phase") == "admm")
         while not converged and int(state.iteration) < self.iterations:
             state, record = self.update(state, loss_fn, data)
             if eval_fn is not None:
                 with_eval(record, state.params, eval_fn)
-                hard = apply_masks(state.params, self.budget.mask(state.params))
+                hard = self.hard_prune(state)[0]
                 with_eval(record, hard, eval_fn, prefix="pruned_")
             emit(record)
             converged = self.converged(record)
             if on_iteration is not None:
                 on_iteration(state, history)
 
-        masks = self.budget.mask(state.params)
-        pruned = apply_masks(state.params, masks)
+        pruned, masks = self.hard_prune(state)
         if self.compensate is not None:
             pruned = apply_masks(self.compensate(pruned, masks), masks)
         emit(with_eval({"phase": "prune", "iteration": int(state.iteration)}, pruned, eval_fn))
@@ -307,16 +381,59 @@ class ADMM:
         )
 
 
+def _scaled(params: PyTree, metric: PyTree) -> PyTree:
+    """``sqrt(d_l) W_l``: the Euclidean projection of this has the support of the
+    projection of W in the metric ``sum_l d_l ||.||^2`` (identity when None)."""
+    if metric is None:
+        return params
+    return jax.tree.map(lambda a, d: a * jnp.sqrt(d).astype(a.dtype), params, metric)
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "chunk"))
+def _fisher_layer_sums(
+    params: PyTree, loss_fn: LossFn, batch: PyTree, chunk: int
+) -> list[jax.Array]:
+    """Per leaf, the sum over examples and entries of squared per-example gradients.
+
+    ``batch`` holds a multiple of ``chunk`` examples; per-example gradients
+    are formed ``chunk`` at a time (vmap inside a scan), squared and summed
+    in float32 per chunk, accumulated across chunks in the leaves' dtype.
+    """
+
+    def per_example(example: PyTree) -> list[jax.Array]:
+        g = jax.grad(loss_fn)(params, jax.tree.map(lambda a: a[None], example))
+        return [jnp.sum(x * x) for x in jax.tree.leaves(g)]
+
+    def body(total: list[jax.Array], part: PyTree) -> tuple[list[jax.Array], None]:
+        sq = jax.vmap(per_example)(part)
+        return [t + jnp.sum(s) for t, s in zip(total, sq, strict=True)], None
+
+    parts = jax.tree.map(lambda a: a.reshape(-1, chunk, *a.shape[1:]), batch)
+    init = [jnp.zeros((), jnp.float32) for _ in jax.tree.leaves(params)]
+    total, _ = jax.lax.scan(body, init, parts)
+    return total
+
+
 def _z_and_u_step(
-    w: PyTree, z_prev: PyTree, u: PyTree, rho: jax.Array, budget: Budget, flags: list[bool]
+    w: PyTree,
+    z_prev: PyTree,
+    u: PyTree,
+    rho: jax.Array,
+    budget: Budget,
+    flags: list[bool],
+    metric: PyTree = None,
 ) -> tuple[PyTree, PyTree, dict[str, jax.Array]]:
-    """Z <- Proj_S(W + U), U <- U + W - Z, and the residuals, on prunable leaves."""
+    """Z <- Proj_S(W + U) (in ``metric``), U <- U + W - Z, and the residuals."""
     treedef = jax.tree.structure(w)
     wl, zl, ul = (treedef.flatten_up_to(t) for t in (w, z_prev, u))
     v = jax.tree.unflatten(
         treedef, [wi + ui if f else wi for wi, ui, f in zip(wl, ul, flags, strict=True)]
     )
-    masks = budget.mask(v)
+    if hasattr(budget, "project_with_stats"):  # a knapsack: also report its optimality gap
+        masks, stats = budget.project_with_stats(_scaled(v, metric))
+        extra = {"projection_gap": stats.relative_gap}
+    else:
+        masks, extra = budget.mask(_scaled(v, metric)), {}
     z = apply_masks(v, masks)
     zl_new = treedef.flatten_up_to(z)
     u_new = jax.tree.unflatten(
@@ -338,5 +455,8 @@ def _z_and_u_step(
         "primal_relative": primal / jnp.maximum(w_norm, 1e-30),
         "dual_relative": dz / jnp.maximum(w_norm, 1e-30),
         "support_change": sum(support) / total,
+        **extra,
     }
+    if hasattr(budget, "metrics"):  # e.g. the energy of Z
+        figures.update(budget.metrics(z))
     return z, u_new, figures

@@ -1,4 +1,5 @@
-"""Magnitude-pruning baselines in the same API as :class:`admmprune.ADMM`.
+"""Baselines in the same API as :class:`admmprune.ADMM`: magnitude pruning
+(one-shot and iterative) and projected SGD.
 
 For an honest comparison at equal epochs: give every method the same total
 training-epoch budget (``.epochs``) and the same optimizer.
@@ -6,6 +7,8 @@ training-epoch budget (``.epochs``) and the same optimizer.
 References:
     S. Han, J. Pool, J. Tran, W. Dally, "Learning both Weights and Connections
     for Efficient Neural Networks", NeurIPS 2015.
+    H. Yang, Y. Zhu, J. Liu, "Energy-Constrained Compression for Deep Neural
+    Networks via Weighted Sparse Projection and Layer Input Masking", ICLR 2019.
 """
 
 from __future__ import annotations
@@ -15,13 +18,14 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from admmprune._tree import PyTree, apply_masks
 from admmprune.admm import Callback, EvalFn
 from admmprune.budgets import Budget
 from admmprune.results import PruneResult, finish, with_eval
-from admmprune.training import LossFn, check_batch_size, train
+from admmprune.training import LossFn, check_batch_size, run_steps, shuffled_batches, train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +156,148 @@ class IterativeMagnitudePrune:
             budget=self.budget,
             history=history,
             method="iterative_magnitude",
+            start=start,
+            epochs=self.epochs,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class ProjectedSGD:
+    """Projected SGD with a decaying budget (Yang, Zhu & Liu, ICLR 2019), then retraining.
+
+    Training steps alternate with projections: every ``project_every``
+    minibatches the weights are replaced by their projection onto the budget
+    relaxed to progress ``t = min(1, epochs_done / decay_epochs)`` (dense at
+    t = 0, the target at t = 1; for an energy budget the knapsack
+    projection, ``B_t = dense (B / dense) ** t``). After ``projected_epochs`` the
+    weights are projected onto the target and retrained with that mask fixed
+    for ``retrain_epochs``. Pruned weights may grow back between projections
+    until the mask is frozen, as in the published method.
+
+    The paper trains with SGD (lr 1e-3, momentum 0.9), projects every 10
+    batches and decays the budget over 30 epochs.
+
+    Args:
+        budget: the target budget (any :class:`admmprune.Budget`).
+        optimizer: the training optimizer.
+        projected_epochs: projected-training epochs.
+        project_every: minibatches between projections.
+        decay_epochs: epochs over which the budget decays to the target
+            (default: ``projected_epochs``).
+        retrain_epochs: masked retraining epochs after the final projection.
+        retrain_optimizer: optimizer for retraining (default: ``optimizer``).
+        batch_size: minibatch size.
+
+    References:
+        H. Yang, Y. Zhu, J. Liu, "Energy-Constrained Compression for Deep
+        Neural Networks via Weighted Sparse Projection and Layer Input
+        Masking", ICLR 2019.
+    """
+
+    budget: Budget
+    optimizer: optax.GradientTransformation
+    projected_epochs: int = 30
+    project_every: int = 10
+    decay_epochs: int | None = None
+    retrain_epochs: int = 0
+    retrain_optimizer: optax.GradientTransformation | None = None
+    batch_size: int = 128
+
+    def __post_init__(self) -> None:
+        for name in ("projected_epochs", "retrain_epochs"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {v!r}.")
+        if not isinstance(self.project_every, int) or self.project_every < 1:
+            raise ValueError(
+                f"project_every must be a positive integer, got {self.project_every!r}."
+            )
+        if self.decay_epochs is not None and (
+            not isinstance(self.decay_epochs, int) or self.decay_epochs < 1
+        ):
+            raise ValueError(f"decay_epochs must be a positive integer, got {self.decay_epochs!r}.")
+
+    @property
+    def epochs(self) -> int:
+        """Training epochs in all: projected plus retraining."""
+        return self.projected_epochs + self.retrain_epochs
+
+    def run(
+        self,
+        params: PyTree,
+        loss_fn: LossFn,
+        data: PyTree,
+        *,
+        key: jax.Array,
+        eval_fn: EvalFn | None = None,
+        callback: Callback | None = None,
+    ) -> PruneResult:
+        """Projected training, the final projection, then masked retraining."""
+        start = time.perf_counter()
+        steps = check_batch_size(data, self.batch_size)
+        decay = self.decay_epochs or max(self.projected_epochs, 1)
+        train_key, retrain_key = jax.random.split(key)
+        opt_state = self.optimizer.init(params)
+        history: list[dict[str, Any]] = []
+
+        def emit(record: dict[str, Any]) -> None:
+            history.append(record)
+            if callback is not None:
+                callback(record)
+
+        for epoch in range(self.projected_epochs):
+            train_key, sub = jax.random.split(train_key)
+            batches = shuffled_batches(data, sub, self.batch_size)
+            tick = time.perf_counter()
+            losses = []
+            t = 0.0
+            for first in range(0, steps, self.project_every):
+                last = min(first + self.project_every, steps)
+                params, opt_state, loss = run_steps(
+                    params,
+                    opt_state,
+                    data,
+                    batches[first:last],
+                    loss_fn=loss_fn,
+                    optimizer=self.optimizer,
+                )
+                t = min(1.0, (epoch + last / steps) / decay)
+                params = apply_masks(params, self.budget.relax(t).mask(params))
+                losses.append(loss)
+            record: dict[str, Any] = {
+                "phase": "projected",
+                "epoch": epoch + 1,
+                "loss": float(jnp.mean(jnp.concatenate(losses))),
+                "progress": t,
+                "seconds": time.perf_counter() - tick,
+            }
+            if hasattr(self.budget, "metrics"):
+                record.update(self.budget.metrics(params))
+            emit(with_eval(record, params, eval_fn))
+
+        masks = self.budget.mask(params)
+        pruned = apply_masks(params, masks)
+        emit(with_eval({"phase": "prune", "epoch": self.projected_epochs}, pruned, eval_fn))
+        pruned, retrain = train(
+            pruned,
+            loss_fn,
+            data,
+            optimizer=self.retrain_optimizer or self.optimizer,
+            epochs=self.retrain_epochs,
+            batch_size=self.batch_size,
+            key=retrain_key,
+            masks=masks,
+            eval_fn=eval_fn,
+            callback=callback,
+            phase="retrain",
+        )
+        history += retrain
+        return finish(
+            params=pruned,
+            masks=masks,
+            budget=self.budget,
+            history=history,
+            method="projected_sgd",
             start=start,
             epochs=self.epochs,
         )

@@ -1,7 +1,7 @@
 """The ``admmprune`` command line.
 
     admmprune solve RECIPE --out DIR [--quiet] [--json] [--resume] [--set KEY=VALUE ...]
-    admmprune bench [--quick] [--out DIR]
+    admmprune bench [--suite param|energy|all] [--quick] [--out DIR]
     admmprune fetch-data
 
 Exit status: 0 on success, 2 for a bad recipe, an infeasible budget or
@@ -57,7 +57,7 @@ class Progress:
         if self.bar is None:
             return
         phase = record.get("phase")
-        if phase in ("dense", "admm", "retrain"):
+        if phase in ("dense", "admm", "retrain", "projected"):
             self.bar.update(1)
         post = {"phase": phase}
         if "iteration" in record and phase == "admm":
@@ -98,6 +98,12 @@ def format_report(report: dict[str, Any]) -> str:
         f"{'total':<16} {'':<14} {report['nonzero_weights']:>9d} {report['kept_fraction']:>8.2%}"
         f"  ({report['compression']:.1f}x)"
     )
+    if "energy" in report:
+        e, b = report["energy"], report["budget"]
+        limit = f" (budget {b['fraction']:.2%})" if b.get("type") == "energy" else ""
+        lines.append(
+            f"energy: {e['fraction']:.2%} of dense{limit}, floor {e['floor_fraction']:.2%}"
+        )
     lines.append(
         f"{report['problem']} [{report['method']}]: test accuracy {report['test_accuracy']:.2%} "
         f"(dense {report['dense_test_accuracy']:.2%}), {report['epochs']} epochs, "
@@ -132,14 +138,19 @@ def cmd_solve(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from admmprune.bench import run_benchmark
+    from admmprune.bench_energy import run_energy_benchmark
 
-    run_benchmark(
-        Path(args.out),
-        solvers=Path(args.solvers),
-        quick=args.quick,
-        quiet=args.quiet,
-        only=args.only,
-    )
+    if args.suite in ("param", "all"):
+        run_benchmark(
+            Path(args.out),
+            solvers=Path(args.solvers),
+            quick=args.quick,
+            quiet=args.quiet,
+            only=args.only,
+        )
+    if args.suite in ("energy", "all"):
+        out = Path(args.out) / "energy" if args.suite == "all" else Path(args.out)
+        run_energy_benchmark(out, solvers=Path(args.solvers), quick=args.quick, quiet=args.quiet)
     return 0
 
 
@@ -175,6 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--solvers", type=Path, default=Path("solvers"), help="recipe directory")
     b.add_argument("--quick", action="store_true", help="reduced set, epochs / 10 (minutes)")
     b.add_argument("--only", action="append", help="run only recipes whose name contains this")
+    b.add_argument(
+        "--suite",
+        choices=("param", "energy", "all"),
+        default="all",
+        help="param: parameter budgets (LeNet-300, LeNet-5); energy: LeNet-5 under energy "
+        "budgets and the knapsack projection (into OUT/energy with 'all')",
+    )
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=cmd_bench)
     f = sub.add_parser("fetch-data", help="one-time fetch of MNIST into the cache")

@@ -110,6 +110,7 @@ class LeNet5(nnx.Module):
 
 
 __all__ = [
+    "INPUT_SHAPES",
     "MODELS",
     "Conv",
     "LeNet5",
@@ -124,6 +125,7 @@ __all__ = [
 ]
 
 MODELS: dict[str, type[nnx.Module]] = {"lenet300": LeNet300, "lenet5": LeNet5}
+INPUT_SHAPES: dict[str, tuple[int, ...]] = {"lenet300": (784,), "lenet5": (28, 28, 1)}
 
 
 def init_model(name: str, seed: int = 0) -> tuple[dict[str, Any], Apply]:

@@ -39,7 +39,7 @@ import optax
 
 from admmprune.budgets import ParamBudget
 
-METHODS = ("admm", "magnitude", "iterative_magnitude")
+METHODS = ("admm", "magnitude", "iterative_magnitude", "projected_sgd")
 OPTIMIZERS = ("adam", "sgd", "momentum", "adamw")
 SCHEDULES = ("constant", "cosine")
 
@@ -92,11 +92,31 @@ SCHEMA: dict[str, dict[str, _Key]] = {
         "count": _k(int, None),
         "per_layer": _k(dict, None),
         "allocation": _k(str, "global", choices=("global", "uniform")),
+        "energy_fraction": _k(_NUMBER, None),  # of the dense network's energy
+        "energy": _k(_NUMBER, None),  # absolute, in the energy model's units
+    },
+    "energy": {  # the energy model: energy budgets use it, every report states it
+        "model": _k(str, "accelerator", choices=("accelerator", "linear")),
+        "e_mac": _k(_NUMBER, 3.0, minimum=0),
+        "e_mem": _k(_NUMBER, 200.0, minimum=0),
+        "e_cache": _k(_NUMBER, 6.0, minimum=0),
+        "e_rf": _k(_NUMBER, 1.0, minimum=0),
+        "input_cache": _k(int, 51_200, minimum=0),
+        "kernel_cache": _k(int, 4_096, minimum=0),
+        "array_rows": _k(int, 12, minimum=1),
+        "array_cols": _k(int, 14, minimum=1),
+        "input_density": _k(dict, None),  # measured input nonzero fraction per layer
+        "per_weight": _k(dict, None),  # model = "linear": cost per nonzero weight per layer
+        "constant": _k(_NUMBER, 0.0, minimum=0),  # model = "linear"
+        "projection": _k(str, "greedy", choices=("greedy", "exact")),
+        "time_limit": _k(_NUMBER, 30.0, minimum=0, positive=True),  # exact projection
     },
     "solver": {
         "method": _k(str, "admm", choices=METHODS),
         "optimizer": _k(str, "adam", choices=OPTIMIZERS),
-        "learning_rate": _k(_NUMBER, 1e-3, minimum=0, positive=True, methods=("admm",)),
+        "learning_rate": _k(
+            _NUMBER, 1e-3, minimum=0, positive=True, methods=("admm", "projected_sgd")
+        ),
         "batch_size": _k(int, 128, minimum=1),
         "retrain_learning_rate": _k(_NUMBER, 1e-3, minimum=0, positive=True),
         "retrain_schedule": _k(str, "cosine", choices=SCHEDULES),
@@ -106,12 +126,17 @@ SCHEMA: dict[str, dict[str, _Key]] = {
         "iterations": _k(int, 60, minimum=0, methods=("admm",)),
         "epochs_per_iteration": _k(int, 1, minimum=1, methods=("admm",)),
         "tol": _k(_NUMBER, 0.0, minimum=0, methods=("admm",)),  # 0 = run all iterations
-        "retrain_epochs": _k(int, 20, minimum=0, methods=("admm", "magnitude")),
+        "metric": _k(str, "euclidean", choices=("euclidean", "fisher"), methods=("admm",)),
+        "retrain_epochs": _k(int, 20, minimum=0, methods=("admm", "magnitude", "projected_sgd")),
+        "projected_epochs": _k(int, 30, minimum=0, methods=("projected_sgd",)),
+        "project_every": _k(int, 10, minimum=1, methods=("projected_sgd",)),
+        "decay_epochs": _k(int, 0, minimum=0, methods=("projected_sgd",)),  # 0: all
         "rounds": _k(int, 8, minimum=1, methods=("iterative_magnitude",)),
         "epochs_per_round": _k(int, 10, minimum=1, methods=("iterative_magnitude",)),
     },
 }
 REQUIRED = (("problem", "model"), ("budget", None))
+BUDGET_KINDS = ("keep", "count", "per_layer", "energy_fraction", "energy")
 
 
 def _type_name(types: tuple[type, ...]) -> str:
@@ -150,6 +175,7 @@ class Recipe:
     data: Mapping[str, Any]
     dense: Mapping[str, Any]
     budget: Mapping[str, Any]
+    energy: Mapping[str, Any]
     solver: Mapping[str, Any]
     path: str | None = None
 
@@ -168,16 +194,22 @@ class Recipe:
         return json.loads(json.dumps(out, default=str))
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> Recipe:
-        """A copy with ``{"section.key": value}`` overrides, validated like the file."""
+        """A copy with ``{"section.key": value}`` overrides, validated like the file.
+
+        A value of None unsets the key (its default applies).
+        """
         method = overrides.get("solver.method", self.method)
         raw = _strip_none({s: dict(getattr(self, s)) for s in SCHEMA})
         raw["solver"] = {k: v for k, v in raw["solver"].items() if _applies(k, method)}
+        if raw["budget"].get("allocation") == SCHEMA["budget"]["allocation"].default:
+            del raw["budget"]["allocation"]  # a default, not a choice the file made
         for dotted, value in overrides.items():
             section, _, key = dotted.partition(".")
             if section not in SCHEMA or not key:
                 raise RecipeError(f"override {dotted!r}: expected 'section.key'.")
             raw[section][key] = value
-        return parse_recipe(raw, name=self.name, path=self.path)
+        # An override to None unsets a key (e.g. swapping one kind of budget for another).
+        return parse_recipe(_strip_none(raw), name=self.name, path=self.path)
 
     def scaled(self, factor: float) -> Recipe:
         """Every epoch count times ``factor`` (at least 1), for quick runs.
@@ -199,13 +231,54 @@ class Recipe:
             }
         elif self.method == "magnitude":
             out |= {"solver.retrain_epochs": f(s["retrain_epochs"])}
+        elif self.method == "projected_sgd":
+            out |= {
+                "solver.projected_epochs": f(s["projected_epochs"]),
+                "solver.retrain_epochs": f(s["retrain_epochs"]),
+            }
+            if s["decay_epochs"]:
+                out["solver.decay_epochs"] = f(s["decay_epochs"])
         else:
             out |= {"solver.epochs_per_round": f(s["epochs_per_round"])}
         return self.with_overrides(out)
 
-    def budget_object(self) -> ParamBudget:
-        """The :class:`ParamBudget` this recipe describes."""
+    @property
+    def is_energy(self) -> bool:
+        """Whether the budget is an energy budget."""
+        return self.budget["energy_fraction"] is not None or self.budget["energy"] is not None
+
+    def energy_model(self) -> Any:
+        """The ``[energy]`` section's model, built for this recipe's network."""
+        from admmprune.energy import AcceleratorEnergy, LinearEnergy, layer_shapes
+        from admmprune.models import INPUT_SHAPES, MODELS, init_model
+
+        e, name = self.energy, self.problem["model"]
+        try:
+            if e["model"] == "linear":
+                params, _ = init_model(name)
+                return LinearEnergy.from_params(params, e["per_weight"], constant=e["constant"])
+            from flax import nnx
+
+            shapes = layer_shapes(MODELS[name](nnx.Rngs(0)), INPUT_SHAPES[name], e["input_density"])
+        except ValueError as err:
+            raise RecipeError(f"[energy]: {err}") from None
+        units = ("e_mac", "e_mem", "e_cache", "e_rf", "input_cache", "kernel_cache")
+        units += ("array_rows", "array_cols")
+        return AcceleratorEnergy(shapes, **{k: e[k] for k in units})
+
+    def budget_object(self) -> Any:
+        """The budget this recipe describes (:class:`ParamBudget` or ``EnergyBudget``)."""
         b = self.budget
+        if self.is_energy:
+            from admmprune.energy import EnergyBudget
+
+            return EnergyBudget(
+                self.energy_model(),
+                fraction=b["energy_fraction"],
+                energy=b["energy"],
+                method=self.energy["projection"],
+                time_limit=self.energy["time_limit"],
+            )
         return ParamBudget(
             keep=b["keep"], count=b["count"], per_layer=b["per_layer"], allocation=b["allocation"]
         )
@@ -269,13 +342,28 @@ def parse_recipe(raw: Mapping[str, Any], *, name: str, path: str | None = None) 
                 out[key] = spec.default
         parsed[section] = out
     parsed["problem"]["name"] = parsed["problem"]["name"] or name
-    given = [k for k in ("keep", "count", "per_layer") if parsed["budget"][k] is not None]
+    given = [k for k in BUDGET_KINDS if parsed["budget"][k] is not None]
     if len(given) != 1:
         raise RecipeError(
-            f"[budget] takes exactly one of keep, count or per_layer (got {given or 'none'})."
+            "[budget] takes exactly one of keep, count, per_layer, energy_fraction or energy "
+            f"(got {given or 'none'})."
         )
-    if parsed["budget"]["per_layer"] is not None and "allocation" in raw.get("budget", {}):
-        raise RecipeError("budget.allocation: applies to keep and count; per_layer says where.")
+    if given[0] not in ("keep", "count") and "allocation" in raw.get("budget", {}):
+        raise RecipeError(f"budget.allocation: applies to keep and count, not to {given[0]}.")
+    f = parsed["budget"]["energy_fraction"]
+    if f is not None and not 0 < f <= 1:
+        raise RecipeError(f"budget.energy_fraction: must be in (0, 1], got {f}.")
+    e = parsed["budget"]["energy"]
+    if e is not None and e <= 0:
+        raise RecipeError(f"budget.energy: must be positive, got {e}.")
+    energy = parsed["energy"]
+    if energy["model"] == "linear" and not energy["per_weight"]:
+        raise RecipeError(
+            'energy.per_weight: model = "linear" needs a table of cost per nonzero weight, '
+            'e.g. per_weight = { "fc1/kernel" = 210.0 }.'
+        )
+    if energy["model"] != "linear" and energy["per_weight"] is not None:
+        raise RecipeError('energy.per_weight: only for model = "linear".')
     if parsed["budget"]["keep"] is not None and not 0 <= parsed["budget"]["keep"] <= 1:
         raise RecipeError(f"budget.keep: must be in [0, 1], got {parsed['budget']['keep']}.")
     if parsed["budget"]["count"] is not None and parsed["budget"]["count"] < 0:

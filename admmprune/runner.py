@@ -5,7 +5,9 @@
 * ``params.npz``: the pruned parameters, one array per leaf keyed by its
   pytree path joined with ``/`` (``fc1/kernel``);
 * ``report.json``: the problem, method, budget, weight counts, test accuracy
-  (pruned and dense), epochs, wall time, per-layer table, history;
+  (pruned and dense), the energy (``energy``: dense, pruned, fraction and per
+  layer, under the recipe's ``[energy]`` model, whatever the budget), epochs,
+  wall time, per-layer table, history;
 * ``checkpoint.npz`` while ADMM runs (the whole ADMM state after every
   iteration; ``resume=True`` continues from it);
 * plots, when matplotlib is installed (``pip install admmprune[plots]``).
@@ -93,12 +95,25 @@ def dense_params(
 
 
 def make_solver(recipe: Recipe, steps_per_epoch: int) -> Any:
-    """The recipe's solver object (ADMM, MagnitudePrune or IterativeMagnitudePrune)."""
+    """The recipe's solver: ADMM, MagnitudePrune, IterativeMagnitudePrune or ProjectedSGD."""
     s = recipe.solver
     budget = recipe.budget_object()
     phase_epochs = (
         s["epochs_per_round"] if recipe.method == "iterative_magnitude" else (s["retrain_epochs"])
     )
+    if recipe.method == "projected_sgd":
+        return admmprune.ProjectedSGD(
+            budget=budget,
+            optimizer=make_optimizer(s["optimizer"], s["learning_rate"]),
+            projected_epochs=s["projected_epochs"],
+            project_every=s["project_every"],
+            decay_epochs=s["decay_epochs"] or None,
+            retrain_epochs=s["retrain_epochs"],
+            retrain_optimizer=make_optimizer(
+                s["optimizer"], retrain_learning_rate(recipe, phase_epochs, steps_per_epoch)
+            ),
+            batch_size=s["batch_size"],
+        )
     retrain = make_optimizer(
         s["optimizer"], retrain_learning_rate(recipe, phase_epochs, steps_per_epoch)
     )
@@ -115,6 +130,7 @@ def make_solver(recipe: Recipe, steps_per_epoch: int) -> Any:
             retrain_epochs=s["retrain_epochs"],
             retrain_optimizer=retrain,
             batch_size=s["batch_size"],
+            metric=s["metric"],
         )
     if recipe.method == "magnitude":
         return admmprune.MagnitudePrune(
@@ -140,7 +156,11 @@ def validate(recipe: Recipe) -> None:
         BudgetError: for a budget no network can meet, saying what would be feasible.
     """
     params, _ = init_model(recipe.problem["model"], seed=recipe.problem["seed"])
-    recipe.budget_object().resolve(params)
+    budget = recipe.budget_object()
+    if isinstance(budget, admmprune.ParamBudget):
+        budget.resolve(params)
+    else:
+        budget.project_with_stats(params)  # names and sizes agree with the network
     try:
         make_solver(recipe, steps_per_epoch=1)
     except ValueError as e:
@@ -221,6 +241,7 @@ def solve(
         dense_info,
         time.perf_counter() - start,
     )
+    report["energy"] = recipe.energy_model().breakdown(result.params)
     if resumed_from is not None:
         report["resumed_from_iteration"] = resumed_from
     (out / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")

@@ -58,32 +58,29 @@ def check_batch_size(data: PyTree, batch_size: int) -> int:
     return n // batch_size
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "optimizer", "batch_size", "flags", "kind"))
-def _epoch(
+def _scan_steps(
     params: PyTree,
     opt_state: Any,
     data: PyTree,
-    key: jax.Array,
+    batches: jax.Array,
     aux: Any,
     *,
     loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
-    batch_size: int,
     flags: tuple[bool, ...],
     kind: str,
 ) -> tuple[PyTree, Any, jax.Array]:
-    n = jax.tree.leaves(data)[0].shape[0]
-    steps = n // batch_size
-    perm = jax.random.permutation(key, n)[: steps * batch_size].reshape(steps, batch_size)
+    """One optimizer step per row of ``batches`` (example indices), in a ``lax.scan``."""
     treedef = jax.tree.structure(params)
 
     def touch_grads(grads: PyTree, params: PyTree) -> PyTree:
         if kind == "admm":
-            z, u, rho = aux
+            z, u, rho, *metric = aux  # metric: optional per-leaf penalty weights d_l
             g, w, zz, uu = (treedef.flatten_up_to(t) for t in (grads, params, z, u))
+            d = treedef.flatten_up_to(metric[0]) if metric else [None] * len(g)
             out = [
-                gi + rho * (wi - zi + ui) if f else gi
-                for gi, wi, zi, ui, f in zip(g, w, zz, uu, flags, strict=True)
+                (gi + (rho if di is None else rho * di) * (wi - zi + ui)) if f else gi
+                for gi, wi, zi, ui, di, f in zip(g, w, zz, uu, d, flags, strict=True)
             ]
             return jax.tree.unflatten(treedef, out)
         if kind == "masked":
@@ -104,8 +101,81 @@ def _epoch(
         params = optax.apply_updates(params, touch_updates(updates))
         return (params, opt_state), loss
 
-    (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), perm)
+    (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), batches)
+    return params, opt_state, losses
+
+
+def shuffled_batches(data: PyTree, key: jax.Array, batch_size: int) -> jax.Array:
+    """One epoch's minibatches: a ``(steps, batch_size)`` array of example indices.
+
+    A permutation drawn from ``key``; the last partial batch is dropped.
+    """
+    n = jax.tree.leaves(data)[0].shape[0]
+    steps = n // batch_size
+    return jax.random.permutation(key, n)[: steps * batch_size].reshape(steps, batch_size)
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "optimizer", "batch_size", "flags", "kind"))
+def _epoch(
+    params: PyTree,
+    opt_state: Any,
+    data: PyTree,
+    key: jax.Array,
+    aux: Any,
+    *,
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    batch_size: int,
+    flags: tuple[bool, ...],
+    kind: str,
+) -> tuple[PyTree, Any, jax.Array]:
+    perm = shuffled_batches(data, key, batch_size)
+    params, opt_state, losses = _scan_steps(
+        params,
+        opt_state,
+        data,
+        perm,
+        aux,
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        flags=flags,
+        kind=kind,
+    )
     return params, opt_state, jnp.mean(losses)
+
+
+_steps = jax.jit(_scan_steps, static_argnames=("loss_fn", "optimizer", "flags", "kind"))
+
+
+def run_steps(
+    params: PyTree,
+    opt_state: Any,
+    data: PyTree,
+    batches: jax.Array,
+    *,
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    kind: str = "plain",
+    aux: Any = None,
+    flags: tuple[bool, ...] = (),
+) -> tuple[PyTree, Any, jax.Array]:
+    """Steps on the given minibatches (rows of example indices), jit-compiled.
+
+    For solvers that act between steps within an epoch (e.g. projected SGD
+    projecting every few batches); ``kind``/``aux``/``flags`` as in
+    :func:`run_epoch`. Returns the params, optimizer state and per-step losses.
+    """
+    return _steps(
+        params,
+        opt_state,
+        data,
+        batches,
+        aux,
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        flags=tuple(flags),
+        kind=kind,
+    )
 
 
 def run_epoch(
@@ -131,7 +201,8 @@ def run_epoch(
             hashable (a module-level function or a ``functools.partial``).
         optimizer: any ``optax.GradientTransformation``.
         batch_size: examples per step.
-        kind: ``"plain"``, ``"admm"`` (``aux = (Z, U, rho)``, ``flags`` the
+        kind: ``"plain"``, ``"admm"`` (``aux = (Z, U, rho)`` or
+            ``(Z, U, rho, D)`` with D per-leaf penalty weights, ``flags`` the
             prunable leaves) or ``"masked"`` (``aux`` the boolean masks).
 
     Returns:
