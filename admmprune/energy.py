@@ -649,8 +649,8 @@ class EnergyBudget:
             f = self.fraction
             if not (isinstance(f, int | float | np.number) and 0 < f <= 1):
                 raise BudgetError(f"fraction must be in (0, 1], got {f!r}.")
-        elif not (isinstance(self.energy, int | float | np.number) and self.energy > 0):
-            raise BudgetError(f"energy must be a positive number, got {self.energy!r}.")
+        elif not (isinstance(self.energy, int | float | np.number) and self.energy >= 0):
+            raise BudgetError(f"energy must be a non-negative number, got {self.energy!r}.")
         if self.target() < floor * (1 - 1e-12):
             smallest = math.ceil(floor / dense * 1e4) / 1e4
             raise BudgetError(

@@ -156,6 +156,7 @@ def validate(recipe: Recipe) -> None:
         BudgetError: for a budget no network can meet, saying what would be feasible.
     """
     params, _ = init_model(recipe.problem["model"], seed=recipe.problem["seed"])
+    recipe.energy_model()  # every report states the energy: the [energy] section must build
     budget = recipe.budget_object()
     if isinstance(budget, admmprune.ParamBudget):
         budget.resolve(params)

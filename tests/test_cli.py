@@ -150,6 +150,15 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, capsys
             ("keep = 0.05", 'per_layer = { fc1 = 0.1 }\nallocation = "uniform"'),
             "budget.allocation",
         ),
+        (("keep = 0.05", "energy_fraction = 0.005"), "below the floor"),
+        (("keep = 0.05", "energy_fraction = 0.1\nkeep = 0.1"), "exactly one of"),
+        (("keep = 0.05", "energy_fraction = 1.5"), "budget.energy_fraction: must be in (0, 1]"),
+        (("[solver]", '[energy]\nmodel = "linear"\n[solver]'), "energy.per_weight"),
+        (
+            ("[solver]", '[energy]\nmodel = "linear"\nper_weight = { fc9 = 1.0 }\n[solver]'),
+            "not leaves of params",
+        ),
+        (("iterations = 2", "iterations = 2\nproject_every = 3"), "solver.project_every: not"),
     ],
 )
 def test_bad_recipes_exit_2_before_any_work(tmp_path, capsys, edit, words):
@@ -181,6 +190,18 @@ def test_shipped_recipes_are_valid(path):
     assert make_solver(recipe, steps_per_epoch=468).epochs == total_epochs(recipe) - 20
 
 
+def test_energy_recipes_compare_at_equal_epochs():
+    from admmprune.cli import total_epochs
+
+    for pct in (20, 12, 8):
+        admm = load_recipe(f"solvers/lenet5_energy_{pct}pct.toml")
+        psgd = load_recipe(f"solvers/lenet5_energy_psgd_{pct}pct.toml")
+        assert total_epochs(admm) == total_epochs(psgd)
+        assert admm.budget["energy_fraction"] == psgd.budget["energy_fraction"] == pct / 100
+        blind = admm.with_overrides({"budget.energy_fraction": None, "budget.count": 1000})
+        assert not blind.is_energy and total_epochs(blind) == total_epochs(admm)
+
+
 def test_equal_epoch_recipes_really_are_equal():
     from admmprune.cli import total_epochs
 
@@ -200,6 +221,23 @@ def test_equal_epoch_recipes_really_are_equal():
 def test_missing_recipe_file(tmp_path):
     with pytest.raises(RecipeError, match="no such recipe file"):
         load_recipe(tmp_path / "nope.toml")
+
+
+def test_energy_recipe_reports_its_energy(tmp_path):
+    text = TINY.replace("keep = 0.05", "energy_fraction = 0.1")
+    text = text.replace(
+        'method = "admm"', 'method = "projected_sgd"\nprojected_epochs = 2\nproject_every = 3'
+    )
+    text = text.replace("iterations = 2\n", "")
+    report = solve(load_recipe(_recipe(tmp_path, text)), tmp_path / "o", plots=False)
+    assert report["method"] == "projected_sgd" and report["epochs"] == 3
+    assert report["budget"]["type"] == "energy"
+    assert report["budget"]["fraction"] == pytest.approx(0.1)
+    e = report["energy"]
+    assert e["pruned"] <= report["budget"]["energy"] and e["fraction"] <= 0.1
+    assert e["fraction"] == pytest.approx(e["pruned"] / e["dense"])
+    assert sum(x["pruned"] for x in e["per_layer"].values()) == pytest.approx(e["pruned"])
+    assert [r["phase"] for r in report["history"]][:3] == ["projected", "projected", "prune"]
 
 
 @pytest.mark.parametrize(
