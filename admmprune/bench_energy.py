@@ -64,29 +64,59 @@ def largest_count_within(params: Any, model: Any, limit: float) -> int:
     return lo
 
 
+def next_count(attempts: list[dict[str, Any]], limit: float, floor: float) -> int:
+    """The next kept count to try, from the (count, energy) pairs run so far.
+
+    Energy above the floor grows about in proportion to the kept count, so
+    with only runs over (or only under) the budget the count is scaled by
+    ``(limit - floor) / (energy - floor)``; once runs bracket the budget, the
+    secant between the closest under and the closest over. A count already
+    tried is never proposed again.
+    """
+    under = [a for a in attempts if a["energy"] <= limit]
+    over = [a for a in attempts if a["energy"] > limit]
+    if under and over:
+        lo = max(under, key=lambda a: a["count"])
+        hi = min(over, key=lambda a: a["count"])
+        t = (limit - lo["energy"]) / (hi["energy"] - lo["energy"])
+        count = int(lo["count"] + t * (hi["count"] - lo["count"]))
+        count = min(max(count, lo["count"] + 1), hi["count"] - 1)
+    else:
+        last = attempts[-1]
+        scale = (limit - floor) / max(last["energy"] - floor, 1e-12)
+        count = int(last["count"] * scale * (0.99 if over else 1.0))
+    tried = {a["count"] for a in attempts}
+    while count in tried and count > 0:
+        count -= 1
+    return count
+
+
 def tune_blind(
-    recipe: Recipe, out: Path, *, quiet: bool, max_runs: int = 3
+    recipe: Recipe, out: Path, *, quiet: bool, max_runs: int = 4, close: float = 0.97
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Energy-blind ADMM: a parameter budget tuned until the result meets the energy budget.
 
     The first count is the largest whose global top-k of the *dense*
-    weights meets the budget. After each run, if the pruned network
-    exceeds the budget, the next count is the largest whose top-k of that
-    run's result meets it, and ADMM reruns from the dense weights with it;
-    a run under budget ends the search. Returns the accepted report (the
-    last run's, flagged if still over budget) and every attempt.
+    weights meets the budget. After each run the next count comes from
+    :func:`next_count` (proportional step on the energy above the floor,
+    then the secant once runs bracket the budget), and ADMM reruns from the
+    dense weights with it. The search stops when a run is under budget and
+    uses at least ``close`` of the energy above the floor that the budget
+    allows, or after ``max_runs``. The accepted run is the most accurate one
+    under budget (if none is, the last, which then fails its target);
+    every attempt is recorded in ``report["tuning"]``.
     """
     from admmprune.cli import Progress, total_epochs
-    from admmprune.models import init_model
     from admmprune.runner import dense_params, load_data, solve
 
     model = recipe.energy_model()
     limit = recipe.budget["energy_fraction"] * model.dense()
+    floor = model.floor()
     train, _ = load_data(recipe)
     params, _, _ = dense_params(recipe, train)
     count = largest_count_within(params, model, limit)
     attempts: list[dict[str, Any]] = []
-    report: dict[str, Any] = {}
+    reports: list[dict[str, Any]] = []
     for attempt in range(max_runs):
         blind = recipe.with_overrides(
             {"budget.energy_fraction": None, "budget.count": count, "problem.name": recipe.name}
@@ -96,23 +126,26 @@ def tune_blind(
             report = solve(blind, out / f"attempt{attempt + 1}", callback=progress, plots=False)
         finally:
             progress.close()
+        reports.append(report)
         energy = report["energy"]["pruned"]
         attempts.append(
             {
+                "attempt": attempt + 1,
                 "count": count,
+                "energy": energy,
                 "energy_fraction": report["energy"]["fraction"],
                 "test_error": report["test_error"],
             }
         )
-        if energy <= limit:
+        if energy <= limit and energy - floor >= close * (limit - floor):
             break
-        like, _ = init_model(recipe.problem["model"])
-        from admmprune.checkpoint import load_params
-
-        pruned = load_params(out / f"attempt{attempt + 1}" / "params.npz", like)
-        count = min(count - 1, largest_count_within(pruned, model, limit))
+        count = next_count(attempts, limit, floor)
+    under = [i for i, a in enumerate(attempts) if a["energy"] <= limit]
+    best = min(under, key=lambda i: attempts[i]["test_error"]) if under else len(attempts) - 1
+    report = reports[best]
     report["method"] = "blind_admm"
     report["tuning"] = attempts
+    report["tuning_accepted"] = best + 1
     return report, attempts
 
 
@@ -224,6 +257,7 @@ def _row(report: dict[str, Any], recipe: str) -> dict[str, Any]:
         "solver_wall_seconds": report["solver_wall_seconds"],
         "per_layer_kept": {x["name"]: x["kept_fraction"] for x in report["per_layer"]},
         "tuning": report.get("tuning"),
+        "tuning_accepted": report.get("tuning_accepted"),
     }
 
 
@@ -338,6 +372,17 @@ def markdown_table(results: dict[str, Any]) -> str:
             f"{r['energy_fraction']:.2%} | {r['test_error']:.2%} | {r['kept_fraction']:.2%} | "
             f"{r['epochs']} | {r['solver_wall_seconds']:.0f} s |"
         )
+    for r in results["runs"]:
+        if r.get("tuning"):
+            tried = "; ".join(
+                f"{a['count']:,} kept: {a['energy_fraction']:.2%} energy, "
+                f"{a['test_error']:.2%} error"
+                for a in r["tuning"]
+            )
+            lines.append(
+                f"\nEnergy-blind tuning at {r['budget_fraction']:.0%} (run "
+                f"{r['tuning_accepted']} accepted): {tried}."
+            )
     dense = {r["dense_test_error"] for r in results["runs"]}
     lines += ["", f"Dense test error: {', '.join(f'{d:.2%}' for d in sorted(dense))}.", ""]
     lines += ["| weights | greedy projection | top-k | ratio |", "|---|---|---|---|"]
@@ -361,4 +406,10 @@ def markdown_table(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["greedy_gaps", "largest_count_within", "run_energy_benchmark", "time_projection"]
+__all__ = [
+    "greedy_gaps",
+    "largest_count_within",
+    "next_count",
+    "run_energy_benchmark",
+    "time_projection",
+]

@@ -175,3 +175,18 @@ def test_projected_sgd_and_energy_admm_meet_the_budget():
     assert sum(float(x) * s for x, s in zip(d_l, sizes, strict=True)) / sum(sizes) == pytest.approx(
         1.0, rel=1e-5
     )
+
+
+def test_blind_tuning_steps_toward_the_budget():
+    from admmprune.bench_energy import next_count
+
+    # Proportional on the energy above the floor: halfway over -> about 2/3 the count.
+    a = [{"count": 900, "energy": 16.0}]
+    assert next_count(a, limit=12.0, floor=4.0) == int(900 * 8 / 12 * 0.99)
+    # Under budget only: scale up.
+    assert next_count([{"count": 300, "energy": 8.0}], limit=12.0, floor=4.0) == 600
+    # Bracketed: the secant, strictly inside the bracket, never a count already tried.
+    a = [{"count": 600, "energy": 13.0}, {"count": 500, "energy": 11.0}]
+    assert next_count(a, limit=12.0, floor=4.0) == 550
+    a = [{"count": 501, "energy": 13.0}, {"count": 500, "energy": 11.0}]
+    assert next_count(a, limit=12.0, floor=4.0) == 499
