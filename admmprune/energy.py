@@ -102,49 +102,29 @@ def layer_shapes(
     """
     from flax import nnx
 
-    paths = {id(m): "/".join(map(str, p)) for p, m in nnx.iter_modules(model)}
-    classes = {type(m) for _, m in nnx.iter_modules(model) if isinstance(m, nnx.Linear | nnx.Conv)}
+    from admmprune.nnx import record_layers
+
     seen: list[LayerShape] = []
-    originals = {cls: cls.__dict__.get("__call__") for cls in classes}
 
-    def recorder(cls: type) -> Any:
-        inner = cls.__call__
-
-        def call(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
-            y = inner(self, x, *args, **kwargs)
-            name = f"{paths[id(self)]}/kernel"
-            if isinstance(self, nnx.Conv):
-                seen.append(
-                    LayerShape(
-                        name,
-                        "conv",
-                        int(self.in_features),
-                        int(self.out_features),
-                        kernel=tuple(int(k) for k in self.kernel_size),
-                        groups=int(self.feature_group_count),
-                        in_hw=(int(x.shape[1]), int(x.shape[2])),
-                        out_hw=(int(y.shape[1]), int(y.shape[2])),
-                    )
+    def hook(name: str, layer: Any, x: Any, y: Any) -> None:
+        if isinstance(layer, nnx.Conv):
+            seen.append(
+                LayerShape(
+                    name,
+                    "conv",
+                    int(layer.in_features),
+                    int(layer.out_features),
+                    kernel=tuple(int(k) for k in layer.kernel_size),
+                    groups=int(layer.feature_group_count),
+                    in_hw=(int(x.shape[1]), int(x.shape[2])),
+                    out_hw=(int(y.shape[1]), int(y.shape[2])),
                 )
-            else:
-                seen.append(
-                    LayerShape(name, "dense", int(self.in_features), int(self.out_features))
-                )
-            return y
+            )
+        else:
+            seen.append(LayerShape(name, "dense", int(layer.in_features), int(layer.out_features)))
 
-        return call
-
-    wrapped = {cls: recorder(cls) for cls in classes}
-    try:
-        for cls, fn in wrapped.items():
-            cls.__call__ = fn
+    with record_layers(model, hook):
         jax.eval_shape(lambda x: model(x), jax.ShapeDtypeStruct((1, *input_shape), np.float32))
-    finally:
-        for cls, fn in originals.items():
-            if fn is None:
-                del cls.__call__
-            else:
-                cls.__call__ = fn
     density = dict(input_density or {})
     unknown = sorted(set(density) - {s.name for s in seen})
     if unknown:

@@ -9,7 +9,8 @@ parameter pytree directly.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -49,3 +50,45 @@ def merge_nnx(model: nnx.Module, params: PyTree) -> nnx.Module:
     graphdef, param_state, rest = nnx.split(model, nnx.Param, ...)
     nnx.replace_by_pure_dict(param_state, params)
     return nnx.merge(graphdef, param_state, rest)
+
+
+LayerHook = Callable[[str, nnx.Module, jax.Array, jax.Array], None]
+
+
+@contextlib.contextmanager
+def record_layers(model: nnx.Module, hook: LayerHook) -> Iterator[None]:
+    """Calls ``hook(kernel_name, layer, x, y)`` on every ``nnx.Linear``/``nnx.Conv`` call.
+
+    Inside the ``with`` block, each dense or convolution layer of ``model``
+    (subclasses included) reports its input ``x`` and output ``y`` as it
+    runs, with the name of its kernel leaf (``"fc1/kernel"``), in call
+    order. The classes' ``__call__`` is wrapped for the duration and
+    restored on exit; calls of layers outside ``model`` are passed through
+    unrecorded.
+    """
+    paths = {id(m): "/".join(map(str, p)) for p, m in nnx.iter_modules(model)}
+    classes = {type(m) for _, m in nnx.iter_modules(model) if isinstance(m, nnx.Linear | nnx.Conv)}
+    originals = {cls: cls.__dict__.get("__call__") for cls in classes}
+
+    def wrap(cls: type) -> Callable[..., Any]:
+        inner = cls.__call__
+
+        def call(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+            y = inner(self, x, *args, **kwargs)
+            if id(self) in paths:
+                hook(f"{paths[id(self)]}/kernel", self, x, y)
+            return y
+
+        return call
+
+    wrapped = {cls: wrap(cls) for cls in classes}
+    try:
+        for cls, fn in wrapped.items():
+            cls.__call__ = fn
+        yield
+    finally:
+        for cls, fn in originals.items():
+            if fn is None:
+                del cls.__call__
+            else:
+                cls.__call__ = fn
