@@ -95,8 +95,10 @@ class ADMM:
         retrain_optimizer: optimizer for retraining (default: ``optimizer``).
         batch_size: minibatch size.
         compensate: optional ``compensate(params, masks) -> params`` applied
-            at the hard prune instead of plain zeroing (e.g. OBS); its
-            output is masked again, so it cannot revive pruned weights.
+            to the unpruned W at the hard prune instead of plain zeroing
+            (e.g. :func:`admmprune.obs.compensator`, the OBS refit); its
+            output is masked again, so it cannot revive pruned weights. The
+            prune record then holds both accuracies (``zeroed_accuracy``).
         metric: the norm of the splitting. ``"euclidean"``: the penalty
             ``rho/2 ||W - Z + U||^2`` and the Euclidean projection.
             ``"fisher"``: a diagonal metric with one weight per layer,
@@ -350,9 +352,11 @@ class ADMM:
                 on_iteration(state, history)
 
         pruned, masks = self.hard_prune(state)
+        record: dict[str, Any] = {"phase": "prune", "iteration": int(state.iteration)}
         if self.compensate is not None:
-            pruned = apply_masks(self.compensate(pruned, masks), masks)
-        emit(with_eval({"phase": "prune", "iteration": int(state.iteration)}, pruned, eval_fn))
+            with_eval(record, pruned, eval_fn, prefix="zeroed_")
+            pruned = apply_masks(self.compensate(state.params, masks), masks)
+        emit(with_eval(record, pruned, eval_fn))
 
         pruned, retrain_history = train(
             pruned,

@@ -35,7 +35,7 @@ layers before it.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import jax
@@ -506,9 +506,10 @@ def prune_layerwise(
     model: nnx.Module,
     params: PyTree,
     x: jax.Array,
-    counts: Mapping[str, int],
+    counts: Mapping[str, int] | None,
     method: Method = "fast_obs",
     *,
+    masks: PyTree | None = None,
     damp: float = 0.01,
     block: int = 128,
     nm: tuple[int, int] | None = None,
@@ -516,7 +517,11 @@ def prune_layerwise(
 ) -> tuple[PyTree, PyTree, list[dict[str, Any]]]:
     """Prunes the kernels named in ``counts`` to those counts, one layer at a time.
 
-    Layers run in call order. With ``sequential`` (the default, as in OBC
+    With ``masks`` (a boolean pytree like ``params``) instead of ``counts``,
+    the masks are kept as given and every dense/conv kernel whose mask
+    prunes something gets the exact refit of its kept weights (``method``
+    is then ignored): OBS compensation for a mask chosen elsewhere, such as
+    ADMM's hard prune. Layers run in call order. With ``sequential`` (the default, as in OBC
     and SparseGPT) each layer's Hessian comes from calibration inputs that
     pass through the already-pruned layers before it; otherwise every layer
     sees the dense network's inputs.
@@ -527,6 +532,14 @@ def prune_layerwise(
         ``||X W - X W'||^2 / ||X W||^2`` on its calibration inputs.
     """
     names = leaf_names(params)
+    fixed: dict[str, jax.Array] = {}
+    if masks is not None:
+        fixed = {
+            n: m for n, m in zip(names, jax.tree.leaves(masks), strict=True) if not bool(jnp.all(m))
+        }
+        counts = {n: int(jnp.sum(m)) for n, m in fixed.items()}
+    elif counts is None:
+        raise ValueError("prune_layerwise needs counts= or masks=.")
     unknown = sorted(set(counts) - set(names))
     if unknown:
         raise ValueError(f"counts names {unknown}, which are not leaves; leaves are {names}.")
@@ -540,7 +553,7 @@ def prune_layerwise(
             f"those are {list(dense_inputs)}."
         )
     records = []
-    masks = [jnp.ones(np.shape(leaf), bool) for leaf in leaves]
+    out_masks = [jnp.ones(np.shape(leaf), bool) for leaf in leaves]
     for name in dense_inputs:
         if name not in counts:
             continue
@@ -552,9 +565,14 @@ def prune_layerwise(
         h = hessian(xl)
         kernel = leaves[index[name]]
         w = _as_rows(kernel)
-        w_new, mask = prune_matrix(method, w, h, int(counts[name]), damp=damp, block=block, nm=nm)
+        if name in fixed:
+            mask = _as_rows(fixed[name])
+            w_new = refit(w, h, mask, damp=damp)
+        else:
+            k = int(counts[name])
+            w_new, mask = prune_matrix(method, w, h, k, damp=damp, block=block, nm=nm)
         leaves[index[name]] = w_new.T.reshape(kernel.shape).astype(kernel.dtype)
-        masks[index[name]] = mask.T.reshape(kernel.shape)
+        out_masks[index[name]] = mask.T.reshape(kernel.shape)
         records.append(
             {
                 "name": name,
@@ -564,12 +582,29 @@ def prune_layerwise(
                 "relative_error": reconstruction_error(w, w_new, h),
             }
         )
-    return jax.tree.unflatten(treedef, leaves), jax.tree.unflatten(treedef, masks), records
+    return jax.tree.unflatten(treedef, leaves), jax.tree.unflatten(treedef, out_masks), records
+
+
+def compensator(
+    model: nnx.Module, x: jax.Array, *, damp: float = 0.01
+) -> Callable[[PyTree, PyTree], PyTree]:
+    """``compensate(params, masks)``: OBS compensation for a given mask (ADMM's hard prune).
+
+    Each masked layer's kept weights become the least-squares fit of its
+    unpruned output on the calibration inputs ``x``, layer by layer through
+    the already-compensated layers (:func:`prune_layerwise` with ``masks``).
+    """
+
+    def compensate(params: PyTree, masks: PyTree) -> PyTree:
+        return prune_layerwise(model, params, x, None, masks=masks, damp=damp)[0]
+
+    return compensate
 
 
 __all__ = [
     "METHODS",
     "calibration_inputs",
+    "compensator",
     "damped",
     "exact_obs",
     "fast_obs",

@@ -68,8 +68,8 @@ def allocate(
     floor = sum(float(c[0]) for c in costs)
     if floor > capacity * (1 + 1e-12):
         raise BudgetError(
-            f"the budget {capacity:.6g} is below {floor:.6g}, the cost with every "
-            "prunable weight removed; raise it to at least that."
+            f"the budget {capacity:.6g} is below the cost with every prunable weight "
+            f"removed; raise it to at least {floor:.6g}."
         )
     choose = [cp.Variable(len(curves[n][0]), boolean=True) for n in names]
     objective = sum(x @ curves[n][1] for x, n in zip(choose, names, strict=True))

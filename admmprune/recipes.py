@@ -39,7 +39,8 @@ import optax
 
 from admmprune.budgets import ParamBudget
 
-METHODS = ("admm", "magnitude", "iterative_magnitude", "projected_sgd")
+METHODS = ("admm", "magnitude", "iterative_magnitude", "projected_sgd", "oneshot")
+PRUNERS = ("exact_obs", "fast_obs", "refit", "wanda", "magnitude", "global_obs")
 OPTIMIZERS = ("adam", "sgd", "momentum", "adamw")
 SCHEDULES = ("constant", "cosine")
 
@@ -127,7 +128,20 @@ SCHEMA: dict[str, dict[str, _Key]] = {
         "epochs_per_iteration": _k(int, 1, minimum=1, methods=("admm",)),
         "tol": _k(_NUMBER, 0.0, minimum=0, methods=("admm",)),  # 0 = run all iterations
         "metric": _k(str, "euclidean", choices=("euclidean", "fisher"), methods=("admm",)),
-        "retrain_epochs": _k(int, 20, minimum=0, methods=("admm", "magnitude", "projected_sgd")),
+        "retrain_epochs": _k(
+            int, 20, minimum=0, methods=("admm", "magnitude", "projected_sgd", "oneshot")
+        ),  # oneshot: 0 unless given
+        "hard_prune": _k(str, "zero", choices=("zero", "obs"), methods=("admm",)),
+        "calibration_examples": _k(int, 4096, minimum=1, methods=("admm", "oneshot")),
+        "damp": _k(_NUMBER, 0.01, minimum=0, methods=("admm", "oneshot")),
+        "pruner": _k(str, "exact_obs", choices=PRUNERS, methods=("oneshot",)),
+        "layer_allocation": _k(str, "budget", choices=("budget", "obs"), methods=("oneshot",)),
+        "block": _k(int, 128, minimum=1, methods=("oneshot",)),
+        "curve_points": _k(int, 40, minimum=2, methods=("oneshot",)),
+        "fisher_examples": _k(int, 1024, minimum=1, methods=("oneshot",)),
+        "fisher_block": _k(int, 128, minimum=1, methods=("oneshot",)),
+        "fisher_damp": _k(_NUMBER, 1e-3, minimum=0, positive=True, methods=("oneshot",)),
+        "fisher_steps": _k(int, 4, minimum=1, methods=("oneshot",)),
         "projected_epochs": _k(int, 30, minimum=0, methods=("projected_sgd",)),
         "project_every": _k(int, 10, minimum=1, methods=("projected_sgd",)),
         "decay_epochs": _k(int, 0, minimum=0, methods=("projected_sgd",)),  # 0: all
@@ -231,6 +245,9 @@ class Recipe:
             }
         elif self.method == "magnitude":
             out |= {"solver.retrain_epochs": f(s["retrain_epochs"])}
+        elif self.method == "oneshot":
+            if s["retrain_epochs"]:
+                out |= {"solver.retrain_epochs": f(s["retrain_epochs"])}
         elif self.method == "projected_sgd":
             out |= {
                 "solver.projected_epochs": f(s["projected_epochs"]),
@@ -340,6 +357,8 @@ def parse_recipe(raw: Mapping[str, Any], *, name: str, path: str | None = None) 
         for key, spec in keys.items():
             if key not in out and (section != "solver" or _applies(key, method)):
                 out[key] = spec.default
+        if section == "solver" and method == "oneshot" and "retrain_epochs" not in table:
+            out["retrain_epochs"] = 0  # one-shot means no retraining unless asked
         parsed[section] = out
     parsed["problem"]["name"] = parsed["problem"]["name"] or name
     given = [k for k in BUDGET_KINDS if parsed["budget"][k] is not None]

@@ -94,10 +94,53 @@ def dense_params(
     return params, apply, {"cached": None, "epoch_seconds": seconds}
 
 
-def make_solver(recipe: Recipe, steps_per_epoch: int) -> Any:
-    """The recipe's solver: ADMM, MagnitudePrune, IterativeMagnitudePrune or ProjectedSGD."""
+def calibration_set(recipe: Recipe, train: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """The training inputs OBS uses for its Hessians: a seeded random subset."""
+    n = int(train[0].shape[0])
+    key = jax.random.key(recipe.problem["seed"] + 2)
+    pick = jax.random.permutation(key, n)[: min(recipe.solver["calibration_examples"], n)]
+    return train[0][pick]
+
+
+def make_solver(
+    recipe: Recipe, steps_per_epoch: int, train: tuple[jax.Array, jax.Array] | None = None
+) -> Any:
+    """The recipe's solver: ADMM, MagnitudePrune, IterativeMagnitudePrune, ProjectedSGD
+    or OneShotPrune.
+
+    ``train`` gives ADMM's OBS hard prune its calibration inputs; without it
+    (validation) the solver is built without compensation.
+    """
     s = recipe.solver
     budget = recipe.budget_object()
+    if recipe.method == "oneshot":
+        from flax import nnx
+
+        from admmprune.models import MODELS
+        from admmprune.oneshot import OneShotPrune
+
+        retrain = s["retrain_epochs"]
+        return OneShotPrune(
+            budget=budget,
+            model=MODELS[recipe.problem["model"]](nnx.Rngs(recipe.problem["seed"])),
+            method=s["pruner"],
+            allocation=s["layer_allocation"],
+            calibration_examples=s["calibration_examples"],
+            damp=s["damp"],
+            block=s["block"],
+            curve_points=s["curve_points"],
+            fisher_block=s["fisher_block"],
+            fisher_damp=s["fisher_damp"],
+            fisher_steps=s["fisher_steps"],
+            fisher_examples=s["fisher_examples"],
+            retrain_epochs=retrain,
+            optimizer=make_optimizer(
+                s["optimizer"], retrain_learning_rate(recipe, retrain, steps_per_epoch)
+            )
+            if retrain
+            else None,
+            batch_size=s["batch_size"],
+        )
     phase_epochs = (
         s["epochs_per_round"] if recipe.method == "iterative_magnitude" else (s["retrain_epochs"])
     )
@@ -131,6 +174,7 @@ def make_solver(recipe: Recipe, steps_per_epoch: int) -> Any:
             retrain_optimizer=retrain,
             batch_size=s["batch_size"],
             metric=s["metric"],
+            compensate=_compensator(recipe, train),
         )
     if recipe.method == "magnitude":
         return admmprune.MagnitudePrune(
@@ -146,6 +190,18 @@ def make_solver(recipe: Recipe, steps_per_epoch: int) -> Any:
         epochs_per_round=s["epochs_per_round"],
         batch_size=s["batch_size"],
     )
+
+
+def _compensator(recipe: Recipe, train: tuple[jax.Array, jax.Array] | None) -> Any:
+    if recipe.solver["hard_prune"] != "obs" or train is None:
+        return None
+    from flax import nnx
+
+    from admmprune.models import MODELS
+    from admmprune.obs import compensator
+
+    model = MODELS[recipe.problem["model"]](nnx.Rngs(recipe.problem["seed"]))
+    return compensator(model, calibration_set(recipe, train), damp=recipe.solver["damp"])
 
 
 def validate(recipe: Recipe) -> None:
@@ -207,7 +263,7 @@ def solve(
 
     dense_acc = evaluate(params)["accuracy"]
     steps = train[0].shape[0] // recipe.solver["batch_size"]
-    solver = make_solver(recipe, steps)
+    solver = make_solver(recipe, steps, train)
     key = jax.random.key(recipe.problem["seed"] + 1)
     extra: dict[str, Any] = {}
     resumed_from = None
