@@ -1,7 +1,7 @@
 """The ``admmprune`` command line.
 
     admmprune solve RECIPE --out DIR [--quiet] [--json] [--resume] [--set KEY=VALUE ...]
-    admmprune bench [--suite param|energy|all] [--quick] [--out DIR]
+    admmprune bench [--suite param|energy|obs|all] [--quick] [--out DIR]
     admmprune fetch-data
 
 Exit status: 0 on success, 2 for a bad recipe, an infeasible budget or
@@ -139,6 +139,7 @@ def cmd_solve(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from admmprune.bench import run_benchmark
     from admmprune.bench_energy import run_energy_benchmark
+    from admmprune.bench_obs import run_obs_benchmark
 
     if args.suite in ("param", "all"):
         run_benchmark(
@@ -151,6 +152,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.suite in ("energy", "all"):
         out = Path(args.out) / "energy" if args.suite == "all" else Path(args.out)
         run_energy_benchmark(out, solvers=Path(args.solvers), quick=args.quick, quiet=args.quiet)
+    if args.suite in ("obs", "all"):
+        out = Path(args.out) / "obs" if args.suite == "all" else Path(args.out)
+        run_obs_benchmark(out, solvers=Path(args.solvers), quick=args.quick, quiet=args.quiet)
     return 0
 
 
@@ -188,10 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--only", action="append", help="run only recipes whose name contains this")
     b.add_argument(
         "--suite",
-        choices=("param", "energy", "all"),
+        choices=("param", "energy", "obs", "all"),
         default="all",
         help="param: parameter budgets (LeNet-300, LeNet-5); energy: LeNet-5 under energy "
-        "budgets and the knapsack projection (into OUT/energy with 'all')",
+        "budgets and the knapsack projection (into OUT/energy with 'all'); obs: one-shot "
+        "LeNet-300-100, fast OBS timing, ADMM's OBS hard prune (into OUT/obs with 'all')",
     )
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=cmd_bench)

@@ -241,8 +241,9 @@ def _sweep(
         if nm is None:
             real = (i1 + jnp.arange(block)) < cols
             s = jnp.where(real[None, :], w1**2 / d1[None, :] ** 2, -jnp.inf).ravel()
-            rank = jnp.argsort(jnp.argsort(-s, stable=True), stable=True)
-            m1 = (rank < quota[b]).reshape(rows, block) & real[None, :]
+            order = jnp.argsort(-s, stable=True)
+            top = jnp.zeros(s.shape, bool).at[order].set(jnp.arange(s.size) < quota[b])
+            m1 = top.reshape(rows, block) & real[None, :]
         else:
             m1 = jnp.zeros((rows, block), bool)
 
@@ -264,7 +265,7 @@ def _sweep(
             w1 = (w1 - err[:, None] * u1[i][None, :]).at[:, i].set(q)
             return w1, m1, e1.at[:, i].set(err)
 
-        w1, m1, e1 = jax.lax.fori_loop(0, block, column, (w1, m1, jnp.zeros_like(w1)))
+        w1, m1, e1 = jax.lax.fori_loop(0, block, column, (w1, m1, jnp.zeros_like(w1)), unroll=8)
         w = jax.lax.dynamic_update_slice(w, w1, (0, i1))
         mask = jax.lax.dynamic_update_slice(mask, m1, (0, i1))
         # Lazy update: the block's errors reach every later column in one matmul.
@@ -480,6 +481,7 @@ def prune_matrix(
     damp: float = 0.01,
     block: int = 128,
     nm: tuple[int, int] | None = None,
+    quota: Literal["layer", "block"] = "layer",
 ) -> tuple[jax.Array, jax.Array]:
     """One layer, ``W`` as ``d_out x d_in``, by ``method``; returns ``(W', mask)``."""
     if method == "magnitude":
@@ -492,7 +494,7 @@ def prune_matrix(
         mask = magnitude_mask(w, k)
         return refit(w, h, mask, damp=damp), mask
     if method == "fast_obs":
-        return fast_obs(w, h, k, nm=nm, block=block, damp=damp)
+        return fast_obs(w, h, k, nm=nm, block=block, damp=damp, quota=quota)
     if method == "exact_obs":
         return exact_obs(w, h, k, damp=damp)
     raise ValueError(f"unknown method {method!r}; choose one of {METHODS}.")
@@ -513,6 +515,7 @@ def prune_layerwise(
     damp: float = 0.01,
     block: int = 128,
     nm: tuple[int, int] | None = None,
+    quota: Literal["layer", "block"] = "layer",
     sequential: bool = True,
 ) -> tuple[PyTree, PyTree, list[dict[str, Any]]]:
     """Prunes the kernels named in ``counts`` to those counts, one layer at a time.
@@ -570,7 +573,7 @@ def prune_layerwise(
             w_new = refit(w, h, mask, damp=damp)
         else:
             k = int(counts[name])
-            w_new, mask = prune_matrix(method, w, h, k, damp=damp, block=block, nm=nm)
+            w_new, mask = prune_matrix(method, w, h, k, damp=damp, block=block, nm=nm, quota=quota)
         leaves[index[name]] = w_new.T.reshape(kernel.shape).astype(kernel.dtype)
         out_masks[index[name]] = mask.T.reshape(kernel.shape)
         records.append(

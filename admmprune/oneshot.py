@@ -161,6 +161,9 @@ class OneShotPrune:
             ``"refit"`` (magnitude mask + exact refit), ``"wanda"``,
             ``"magnitude"``, or ``"global_obs"`` (WoodFisher over all
             layers at once; parameter budgets only).
+        quota: fast OBS's per-block budget, ``"layer"`` (from the layer-wide
+            saliency ranking) or ``"block"`` (as published); see
+            :func:`admmprune.obs.fast_obs`.
         allocation: ``"budget"`` -- the per-layer counts of the budget's own
             projection (uniform, per layer, or the global magnitude/energy
             mask); ``"obs"`` -- from the layers' OBS loss curves (see
@@ -177,6 +180,7 @@ class OneShotPrune:
     damp: float = 0.01
     block: int = 128
     nm: tuple[int, int] | None = None
+    quota: Literal["layer", "block"] = "layer"
     sequential: bool = True
     curve_points: int = 40
     fisher_block: int = 128
@@ -305,6 +309,7 @@ class OneShotPrune:
                 damp=self.damp,
                 block=self.block,
                 nm=self.nm,
+                quota=self.quota,
                 sequential=self.sequential,
             )
         record = {"phase": "prune", "round": 1, "method": self.method, "layers": layers}
