@@ -159,6 +159,15 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, capsys
             "not leaves of params",
         ),
         (("iterations = 2", "iterations = 2\nproject_every = 3"), "solver.project_every: not"),
+        (("iterations = 2", 'iterations = 2\nhard_prune = "obc"'), "solver.hard_prune: 'obc'"),
+        (('method = "admm"', 'method = "oneshot"\npruner = "obc"'), "solver.pruner: 'obc'"),
+        (
+            (
+                'keep = 0.05\n\n[solver]\nmethod = "admm"\niterations = 2',
+                'energy_fraction = 0.5\n\n[solver]\nmethod = "oneshot"\npruner = "global_obs"',
+            ),
+            "global_obs takes a parameter budget",
+        ),
     ],
 )
 def test_bad_recipes_exit_2_before_any_work(tmp_path, capsys, edit, words):
@@ -253,3 +262,27 @@ def test_baseline_recipes_run_end_to_end(tmp_path, solver):
     report = solve(load_recipe(_recipe(tmp_path, text)), tmp_path / "o", plots=False)
     assert report["nonzero_weights"] == round(0.05 * 266_200)
     assert report["method"] in ("magnitude", "iterative_magnitude")
+
+
+def test_oneshot_recipe_prunes_without_retraining(tmp_path):
+    text = TINY[: TINY.index("[solver]")] + (
+        '[solver]\nmethod = "oneshot"\npruner = "fast_obs"\ncalibration_examples = 256\n'
+        "batch_size = 64\n"
+    )
+    text = text.replace("keep = 0.05", 'keep = 0.05\nallocation = "uniform"')
+    report = solve(load_recipe(_recipe(tmp_path, text)), tmp_path / "o", plots=False)
+    assert report["method"] == "oneshot_fast_obs" and report["epochs"] == 0
+    assert report["nonzero_weights"] == round(0.05 * 266_200)
+    layers = report["history"][0]["layers"]
+    assert [x["name"] for x in layers] == ["fc1/kernel", "fc2/kernel", "fc3/kernel"]
+    assert all(0 <= x["relative_error"] < 1 for x in layers)
+
+
+def test_admm_obs_hard_prune_records_both_accuracies(tmp_path):
+    text = TINY.replace(
+        "iterations = 2", 'iterations = 2\nhard_prune = "obs"\ncalibration_examples = 256'
+    )
+    report = solve(load_recipe(_recipe(tmp_path, text)), tmp_path / "o", plots=False)
+    prune = next(r for r in report["history"] if r["phase"] == "prune")
+    assert {"zeroed_accuracy", "accuracy"} <= set(prune)
+    assert report["nonzero_weights"] <= round(0.05 * 266_200)
