@@ -9,6 +9,10 @@ it (exact top-k; a knapsack for energy); :class:`ADMM` solves the problem by
 ADMM splitting, then hard-prunes and retrains with the mask fixed.
 :class:`MagnitudePrune`, :class:`IterativeMagnitudePrune` and
 :class:`ProjectedSGD` are the baselines in the same API.
+:class:`OneShotPrune` prunes a trained network in one shot with second-order
+(OBS) compensation from calibration data (:mod:`admmprune.obs`, layer-wise;
+:mod:`admmprune.woodfisher`, global); :func:`admmprune.obs.compensator` gives
+ADMM's hard prune the same compensation.
 """
 
 from admmprune._tree import apply_masks, default_prunable, leaf_names
@@ -24,6 +28,7 @@ from admmprune.energy import (
     layer_shapes,
 )
 from admmprune.knapsack import KnapsackStats, exact_knapsack, greedy_knapsack
+from admmprune.oneshot import OneShotPrune
 from admmprune.projections import project
 from admmprune.results import LayerStats, PruneResult
 from admmprune.training import train
@@ -43,6 +48,7 @@ __all__ = [
     "LayerStats",
     "LinearEnergy",
     "MagnitudePrune",
+    "OneShotPrune",
     "ParamBudget",
     "ProjectedSGD",
     "PruneResult",

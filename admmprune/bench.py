@@ -17,6 +17,7 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -140,21 +141,39 @@ def run_benchmark(
     timing = [time_epochs(solvers / "lenet300_admm_2pct.toml", repeats=2 if quick else 5)]
     if any(r["model"] == "lenet5" for r in rows):
         timing.append(time_epochs(solvers / "lenet5_admm_1pct.toml", repeats=2 if quick else 3))
-    results = {
-        "command": "admmprune bench" + (" --quick" if quick else ""),
+    results = results_header("admmprune bench", quick, started)
+    results |= {"runs": rows, "timing": timing, "targets": check_targets(rows, timing)}
+    return write_results(out, results, markdown_table, quiet)
+
+
+def results_header(command: str, quick: bool, started: float) -> dict[str, Any]:
+    """What every suite's ``results.json`` opens with: command, date, device, wall time."""
+    return {
+        "command": command + (" --quick" if quick else ""),
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()}), {platform.machine()}",
         "quick": quick,
         "total_wall_seconds": time.perf_counter() - started,
-        "runs": rows,
-        "timing": timing,
     }
-    results["targets"] = check_targets(rows, timing)
+
+
+def write_results(
+    out: Path, results: dict[str, Any], table: Callable[[dict[str, Any]], str], quiet: bool
+) -> dict[str, Any]:
+    """Writes ``results.json`` and ``results.md`` (``table(results)``) into ``out``."""
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(markdown_table(results))
+    (out / "results.md").write_text(table(results))
     if not quiet:
-        print(markdown_table(results))
+        print(table(results))
     return results
+
+
+def targets_table(targets: list[dict[str, Any]]) -> list[str]:
+    """The markdown rows of a suite's target table."""
+    lines = ["", "| target | measured | met |", "|---|---|---|"]
+    for t in targets:
+        lines.append(f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'} |")
+    return lines
 
 
 def check_targets(rows: list[dict[str, Any]], timing: list[dict[str, Any]]) -> list[dict]:
@@ -221,7 +240,5 @@ def markdown_table(results: dict[str, Any]) -> str:
             f"{r['kept_fraction']:.2%} ({r['compression']:.0f}x) | {r['test_error']:.2%} | "
             f"{r['dense_epochs']} + {r['epochs']} | {r['solver_wall_seconds']:.0f} s |"
         )
-    lines += ["", "| target | measured | met |", "|---|---|---|"]
-    for t in results["targets"]:
-        lines.append(f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'} |")
+    lines += targets_table(results["targets"])
     return "\n".join(lines) + "\n"

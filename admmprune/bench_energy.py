@@ -19,9 +19,6 @@ optimum (HiGHS MILP) over random small instances.
 
 from __future__ import annotations
 
-import datetime
-import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -31,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from admmprune.bench import results_header, targets_table, write_results
 from admmprune.recipes import Recipe, load_recipe
 
 BUDGETS = (20, 12, 8)
@@ -304,22 +302,10 @@ def run_energy_benchmark(
             )
     timing = time_projection(repeats=3 if quick else 5)
     gaps = greedy_gaps(50 if quick else 200)
-    results = {
-        "command": "admmprune bench --suite energy" + (" --quick" if quick else ""),
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()}), {platform.machine()}",
-        "quick": quick,
-        "total_wall_seconds": time.perf_counter() - started,
-        "runs": rows,
-        "projection_timing": timing,
-        "greedy_vs_exact": gaps,
-    }
+    results = results_header("admmprune bench --suite energy", quick, started)
+    results |= {"runs": rows, "projection_timing": timing, "greedy_vs_exact": gaps}
     results["targets"] = check_targets(results)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(markdown_table(results))
-    if not quiet:
-        print(markdown_table(results))
-    return results
+    return write_results(out, results, markdown_table, quiet)
 
 
 def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -397,12 +383,8 @@ def markdown_table(results: dict[str, Any]) -> str:
         f"Greedy vs exact (HiGHS MILP) over {g['instances']} random instances of 20-60 "
         f"weights: mean gap {g['mean_gap']:.3%}, median {g['median_gap']:.3%}, max "
         f"{g['max_gap']:.3%}; optimal in {g['optimal_fraction']:.0%} of them.",
-        "",
-        "| target | measured | met |",
-        "|---|---|---|",
     ]
-    for t in results["targets"]:
-        lines.append(f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'} |")
+    lines += targets_table(results["targets"])
     return "\n".join(lines) + "\n"
 
 

@@ -21,9 +21,6 @@
 
 from __future__ import annotations
 
-import datetime
-import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -33,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from admmprune.bench import results_header, targets_table, write_results
 from admmprune.recipes import load_recipe
 
 KEEPS = (0.10, 0.05)
@@ -207,24 +205,16 @@ def run_obs_benchmark(
                 "epochs": report["epochs"],
             }
         )
-    results = {
-        "command": "admmprune bench --suite obs" + (" --quick" if quick else ""),
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()}), {platform.machine()}",
-        "quick": quick,
+    results = results_header("admmprune bench --suite obs", quick, started)
+    results |= {
         "dense_test_error": dense_error,
         "calibration_examples": calibration,
-        "total_wall_seconds": time.perf_counter() - started,
         "oneshot": rows,
         "fast_obs_timing": timing,
         "admm_hard_prune": admm,
     }
     results["targets"] = check_targets(results)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(markdown_table(results))
-    if not quiet:
-        print(markdown_table(results))
-    return results
+    return write_results(out, results, markdown_table, quiet)
 
 
 def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -300,9 +290,7 @@ def markdown_table(results: dict[str, Any]) -> str:
             f"| `{a['recipe']}` | {a['hard_prune']} | {a['pruned_error_zeroed']:.2%} | "
             f"{a['pruned_error']:.2%} | {a['test_error']:.2%} | {a['epochs']} |"
         )
-    lines += ["", "| target | measured | met |", "|---|---|---|"]
-    for t in results["targets"]:
-        lines.append(f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'} |")
+    lines += targets_table(results["targets"])
     return "\n".join(lines) + "\n"
 
 
