@@ -260,16 +260,25 @@ def _row(report: dict[str, Any], recipe: str) -> dict[str, Any]:
 
 
 def run_energy_benchmark(
-    out: Path, *, solvers: Path = Path("solvers"), quick: bool = False, quiet: bool = False
+    out: Path,
+    *,
+    solvers: Path = Path("solvers"),
+    quick: bool = False,
+    quiet: bool = False,
+    budgets: tuple[int, ...] = BUDGETS,
 ) -> dict[str, Any]:
-    """Runs the energy set; writes ``results.json`` and ``results.md`` into ``out``."""
+    """Runs the energy set; writes ``results.json`` and ``results.md`` into ``out``.
+
+    ``budgets`` are percentages of the dense energy with recipes
+    ``solvers/lenet5_energy_<B>pct.toml`` and ``..._psgd_<B>pct.toml``.
+    """
     from admmprune.cli import Progress, total_epochs
     from admmprune.runner import solve, validate
 
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     rows = []
-    for b in BUDGETS:
+    for b in budgets:
         for name in (f"lenet5_energy_{b}pct", f"lenet5_energy_psgd_{b}pct"):
             recipe = load_recipe(solvers / f"{name}.toml")
             if quick:
@@ -302,7 +311,10 @@ def run_energy_benchmark(
             )
     timing = time_projection(repeats=3 if quick else 5)
     gaps = greedy_gaps(50 if quick else 200)
-    results = results_header("admmprune bench --suite energy", quick, started)
+    command = "admmprune bench --suite energy"
+    if tuple(budgets) != BUDGETS:
+        command += " --budgets " + ",".join(map(str, budgets))
+    results = results_header(command, quick, started)
     results |= {"runs": rows, "projection_timing": timing, "greedy_vs_exact": gaps}
     results["targets"] = check_targets(results)
     return write_results(out, results, markdown_table, quiet)

@@ -151,7 +151,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         )
     if args.suite in ("energy", "all"):
         out = Path(args.out) / "energy" if args.suite == "all" else Path(args.out)
-        run_energy_benchmark(out, solvers=Path(args.solvers), quick=args.quick, quiet=args.quiet)
+        budgets = tuple(int(b) for b in args.budgets.split(",")) if args.budgets else None
+        extra = {"budgets": budgets} if budgets else {}
+        run_energy_benchmark(
+            out, solvers=Path(args.solvers), quick=args.quick, quiet=args.quiet, **extra
+        )
     if args.suite in ("obs", "all"):
         out = Path(args.out) / "obs" if args.suite == "all" else Path(args.out)
         run_obs_benchmark(out, solvers=Path(args.solvers), quick=args.quick, quiet=args.quiet)
@@ -197,6 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="param: parameter budgets (LeNet-300, LeNet-5); energy: LeNet-5 under energy "
         "budgets and the knapsack projection (into OUT/energy with 'all'); obs: one-shot "
         "LeNet-300-100, fast OBS timing, ADMM's OBS hard prune (into OUT/obs with 'all')",
+    )
+    b.add_argument(
+        "--budgets",
+        help="energy suite: comma-separated percentages of dense energy (default 20,12,8); "
+        "each needs solvers/lenet5_energy_<B>pct.toml and lenet5_energy_psgd_<B>pct.toml",
     )
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=cmd_bench)

@@ -202,7 +202,7 @@ def test_shipped_recipes_are_valid(path):
 def test_energy_recipes_compare_at_equal_epochs():
     from admmprune.cli import total_epochs
 
-    for pct in (20, 12, 8):
+    for pct in (20, 12, 8, 7):
         admm = load_recipe(f"solvers/lenet5_energy_{pct}pct.toml")
         psgd = load_recipe(f"solvers/lenet5_energy_psgd_{pct}pct.toml")
         assert total_epochs(admm) == total_epochs(psgd)
