@@ -36,16 +36,18 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.scipy.linalg import cho_factor, cho_solve, solve_triangular
 
 from admmprune._tree import PyTree, leaf_names
 from admmprune.projections import topk_mask_flat
+
+if TYPE_CHECKING:
+    from flax import nnx
 
 Method = Literal["magnitude", "wanda", "refit", "fast_obs", "exact_obs"]
 METHODS: tuple[str, ...] = ("magnitude", "wanda", "refit", "fast_obs", "exact_obs")
@@ -59,6 +61,8 @@ def layer_matrix(layer: nnx.Module, x: jax.Array) -> jax.Array:
     im2col patches, in the ``(kh, kw, c_in)`` order of
     ``kernel.reshape(-1, c_out)``, one row per output position.
     """
+    from flax import nnx
+
     if not isinstance(layer, nnx.Conv):
         return x.reshape(-1, x.shape[-1])
     if int(layer.feature_group_count) != 1:
