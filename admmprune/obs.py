@@ -504,7 +504,8 @@ def prune_matrix(
     raise ValueError(f"unknown method {method!r}; choose one of {METHODS}.")
 
 
-def _as_rows(kernel: jax.Array) -> jax.Array:
+def kernel_rows(kernel: jax.Array) -> jax.Array:
+    """A dense or conv kernel (``(..., d_out)``, flax layout) as ``W``, ``d_out x d_in``."""
     return kernel.reshape(-1, kernel.shape[-1]).T
 
 
@@ -571,9 +572,9 @@ def prune_layerwise(
             xl = dense_inputs[name]
         h = hessian(xl)
         kernel = leaves[index[name]]
-        w = _as_rows(kernel)
+        w = kernel_rows(kernel)
         if name in fixed:
-            mask = _as_rows(fixed[name])
+            mask = kernel_rows(fixed[name])
             w_new = refit(w, h, mask, damp=damp)
         else:
             k = int(counts[name])
@@ -618,6 +619,7 @@ __all__ = [
     "hessian",
     "inverse_cholesky_upper",
     "joint_mask",
+    "kernel_rows",
     "layer_matrix",
     "magnitude_mask",
     "obc_curves",

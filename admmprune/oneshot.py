@@ -225,7 +225,7 @@ class OneShotPrune:
             if not f:
                 continue
             grid = count_grid(leaf.size, self.curve_points)
-            w = obs._as_rows(leaf)
+            w = obs.kernel_rows(leaf)
             h = obs.hessian(inputs[n])
             curves[n] = (
                 grid,
@@ -242,19 +242,13 @@ class OneShotPrune:
                     "allocation='obs' divides one global budget among the layers; give "
                     "ParamBudget(keep=...) or (count=...) with allocation='global'."
                 )
-            total = sum(
-                np.size(v) for v, f in zip(jax.tree.leaves(params), flags, strict=True) if f
-            )
-            k = (
-                self.budget.count
-                if self.budget.count is not None
-                else round(self.budget.keep * total)
-            )
+            k = sum(g.k for g in self.budget.resolve(params))
             return (lambda _n, c: c), float(k)
         model = self.budget.model
         layer = {c.name: c for c in model.costs()}
-        fixed = sum(c.energy(c.size) for n, c in layer.items() if n not in names)
-        missing = [n for n, f in zip(names, flags, strict=True) if f and n not in layer]
+        prunable = {n for n, f in zip(names, flags, strict=True) if f}
+        fixed = sum(c.energy(c.size) for n, c in layer.items() if n not in prunable)  # kept dense
+        missing = sorted(prunable - set(layer))
         if missing:
             raise ValueError(f"the energy model does not cost {missing}.")
         return (lambda n, c: layer[n].energy(c)), self.budget.limit() - model.constant - fixed
