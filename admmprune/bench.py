@@ -168,6 +168,19 @@ def write_results(
     return results
 
 
+def target(what: str, measured: str, met: bool) -> dict[str, Any]:
+    """One row of a suite's targets: the floor, the measured figure, whether it is met."""
+    return {"target": what, "measured": measured, "met": bool(met)}
+
+
+def measured_line(results: dict[str, Any]) -> str:
+    """``Measured <date> on <device> by `<command>` (<N> min in all).``"""
+    return (
+        f"Measured {results['date']} on {results['device']} by `{results['command']}` "
+        f"({results['total_wall_seconds'] / 60:.0f} min in all)."
+    )
+
+
 def targets_table(targets: list[dict[str, Any]]) -> list[str]:
     """The markdown rows of a suite's target table."""
     lines = ["", "| target | measured | met |", "|---|---|---|"]
@@ -182,7 +195,7 @@ def check_targets(rows: list[dict[str, Any]], timing: list[dict[str, Any]]) -> l
     targets = []
 
     def add(what: str, value: str, met: bool) -> None:
-        targets.append({"target": what, "measured": value, "met": bool(met)})
+        targets.append(target(what, value, met))
 
     admm2 = by.get(("lenet300", "admm", 0.02))
     if admm2:
@@ -221,8 +234,7 @@ def check_targets(rows: list[dict[str, Any]], timing: list[dict[str, Any]]) -> l
 def markdown_table(results: dict[str, Any]) -> str:
     """The README's results table."""
     lines = [
-        f"Measured {results['date']} on {results['device']} by `{results['command']}` "
-        f"({results['total_wall_seconds'] / 60:.0f} min in all).",
+        measured_line(results),
         "",
         "| model | method | kept | test error | epochs | wall time |",
         "|---|---|---|---|---|---|",

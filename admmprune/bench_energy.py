@@ -28,7 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from admmprune.bench import results_header, targets_table, write_results
+from admmprune.bench import (
+    measured_line,
+    results_header,
+    target,
+    targets_table,
+    write_results,
+)
 from admmprune.recipes import Recipe, load_recipe
 
 BUDGETS = (20, 12, 8)
@@ -325,7 +331,7 @@ def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     targets = []
 
     def add(what: str, value: str, met: bool) -> None:
-        targets.append({"target": what, "measured": value, "met": bool(met)})
+        targets.append(target(what, value, met))
 
     rows = results["runs"]
     for r in rows:
@@ -356,8 +362,7 @@ def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
 def markdown_table(results: dict[str, Any]) -> str:
     """The README's energy table."""
     lines = [
-        f"Measured {results['date']} on {results['device']} by `{results['command']}` "
-        f"({results['total_wall_seconds'] / 60:.0f} min in all). LeNet-5 (Caffe) on MNIST; "
+        measured_line(results) + " LeNet-5 (Caffe) on MNIST; "
         "energy in the accelerator model of Yang, Zhu & Liu (ICLR 2019), dense = 100%, "
         "floor 5.86%.",
         "",

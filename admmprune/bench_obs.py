@@ -30,7 +30,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from admmprune.bench import results_header, targets_table, write_results
+from admmprune.bench import (
+    measured_line,
+    results_header,
+    target,
+    targets_table,
+    write_results,
+)
 from admmprune.recipes import load_recipe
 
 KEEPS = (0.10, 0.05)
@@ -229,20 +235,20 @@ def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     if uniform:
         best = min(uniform, key=lambda r: r["test_error"])
         out.append(
-            {
-                "target": "10% kept, uniform, no retraining: best OBS variant <= 10% test error",
-                "measured": f"{best['test_error']:.2%} ({best['method']})",
-                "met": best["test_error"] <= 0.10,
-            }
+            target(
+                "10% kept, uniform, no retraining: best OBS variant <= 10% test error",
+                f"{best['test_error']:.2%} ({best['method']})",
+                best["test_error"] <= 0.10,
+            )
         )
     if alloc:
         best = min(alloc, key=lambda r: r["test_error"])
         out.append(
-            {
-                "target": "10% kept overall, OBS allocation, no retraining: <= 3% test error",
-                "measured": f"{best['test_error']:.2%} ({best['method']})",
-                "met": best["test_error"] <= 0.03,
-            }
+            target(
+                "10% kept overall, OBS allocation, no retraining: <= 3% test error",
+                f"{best['test_error']:.2%} ({best['method']})",
+                best["test_error"] <= 0.03,
+            )
         )
     return out
 
@@ -250,8 +256,7 @@ def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
 def markdown_table(results: dict[str, Any]) -> str:
     """The README's OBS tables."""
     lines = [
-        f"Measured {results['date']} on {results['device']} by `{results['command']}` "
-        f"({results['total_wall_seconds'] / 60:.0f} min in all). LeNet-300-100 on MNIST, "
+        measured_line(results) + " LeNet-300-100 on MNIST, "
         f"dense test error {results['dense_test_error']:.2%}; one-shot, no retraining, "
         f"{results['calibration_examples']:,} training images for calibration.",
         "",
