@@ -46,6 +46,39 @@ METHOD_NAMES = {
 }
 
 
+def run_dir(out: Path, name: str, seed: int) -> Path:
+    """A run's directory: ``out/name`` for seed 0 (as before seeds), ``out/name-seed<s>``."""
+    return out / (name if seed == 0 else f"{name}-seed{seed}")
+
+
+def solve_or_reuse(recipe: Recipe, out: Path, *, label: str, quiet: bool, plots: bool):
+    """``runner.solve``, unless ``out/report.json`` was written by this very recipe.
+
+    A benchmark that stops part way (or one run again with more seeds or
+    budgets) picks up its finished runs instead of repeating them (a report
+    older than some recipe key matches where the recipe has that key's
+    default: :meth:`Recipe.matches`); a report from any other recipe is
+    overwritten by a fresh run.
+    """
+    import json
+
+    from admmprune.cli import Progress, total_epochs
+    from admmprune.runner import solve
+
+    done = out / "report.json"
+    if done.exists():
+        report = json.loads(done.read_text())
+        if recipe.matches(report.get("recipe", {})):
+            if not quiet:
+                print(f"{label}: reusing {done}", flush=True)
+            return report
+    progress = Progress(total_epochs(recipe), label, enabled=not quiet)
+    try:
+        return solve(recipe, out, callback=progress, plots=plots)
+    finally:
+        progress.close()
+
+
 def largest_count_within(params: Any, model: Any, limit: float) -> int:
     """The largest global top-k count whose mask on ``params`` has energy <= ``limit``.
 
@@ -96,12 +129,20 @@ def next_count(attempts: list[dict[str, Any]], limit: float, floor: float) -> in
 
 
 def tune_blind(
-    recipe: Recipe, out: Path, *, quiet: bool, max_runs: int = 4, close: float = 0.97
+    recipe: Recipe,
+    out: Path,
+    *,
+    quiet: bool,
+    max_runs: int = 4,
+    close: float = 0.97,
+    start: int | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Energy-blind ADMM: a parameter budget tuned until the result meets the energy budget.
 
-    The first count is the largest whose global top-k of the *dense*
-    weights meets the budget. After each run the next count comes from
+    The first count is ``start`` if given (the benchmark passes the count
+    accepted for the previous seed at the same budget), else the largest
+    whose global top-k of the *dense* weights meets the budget. After each
+    run the next count comes from
     :func:`next_count` (proportional step on the energy above the floor,
     then the secant once runs bracket the budget), and ADMM reruns from the
     dense weights with it. The search stops when a run is under budget and
@@ -110,26 +151,30 @@ def tune_blind(
     under budget (if none is, the last, which then fails its target);
     every attempt is recorded in ``report["tuning"]``.
     """
-    from admmprune.cli import Progress, total_epochs
-    from admmprune.runner import dense_params, load_data, solve
+    from admmprune.runner import dense_params, load_data
 
     model = recipe.energy_model()
     limit = recipe.budget["energy_fraction"] * model.dense()
     floor = model.floor()
-    train, _ = load_data(recipe)
-    params, _, _ = dense_params(recipe, train)
-    count = largest_count_within(params, model, limit)
+    if start is None:
+        train, _ = load_data(recipe)
+        params, _, _ = dense_params(recipe, train)
+        count = largest_count_within(params, model, limit)
+    else:
+        count = start
     attempts: list[dict[str, Any]] = []
     reports: list[dict[str, Any]] = []
     for attempt in range(max_runs):
         blind = recipe.with_overrides(
             {"budget.energy_fraction": None, "budget.count": count, "problem.name": recipe.name}
         )
-        progress = Progress(total_epochs(blind), f"blind count={count}", enabled=not quiet)
-        try:
-            report = solve(blind, out / f"attempt{attempt + 1}", callback=progress, plots=False)
-        finally:
-            progress.close()
+        report = solve_or_reuse(
+            blind,
+            out / f"attempt{attempt + 1}",
+            label=f"blind count={count}",
+            quiet=quiet,
+            plots=False,
+        )
         reports.append(report)
         energy = report["energy"]["pruned"]
         attempts.append(
@@ -252,6 +297,7 @@ def _row(report: dict[str, Any], recipe: str) -> dict[str, Any]:
     return {
         "recipe": recipe,
         "method": report["method"],
+        "seed": report["recipe"]["problem"]["seed"],
         "budget_fraction": None,
         "energy_fraction": e["fraction"],
         "test_error": report["test_error"],
@@ -272,58 +318,122 @@ def run_energy_benchmark(
     quick: bool = False,
     quiet: bool = False,
     budgets: tuple[int, ...] = BUDGETS,
+    seeds: tuple[int, ...] = (0,),
 ) -> dict[str, Any]:
     """Runs the energy set; writes ``results.json`` and ``results.md`` into ``out``.
 
     ``budgets`` are percentages of the dense energy with recipes
     ``solvers/lenet5_energy_<B>pct.toml`` and ``..._psgd_<B>pct.toml``.
+    Each seed in ``seeds`` is a whole replicate (``problem.seed``: the dense
+    model, the data order and every solver's randomness), so the comparison
+    is of means over seeds, not of single runs. Finished runs found in
+    ``out`` (same recipe) are reused, so an interrupted or extended
+    benchmark does not repeat them.
     """
-    from admmprune.cli import Progress, total_epochs
-    from admmprune.runner import solve, validate
+    from admmprune.runner import validate
 
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     rows = []
     for b in budgets:
-        for name in (f"lenet5_energy_{b}pct", f"lenet5_energy_psgd_{b}pct"):
-            recipe = load_recipe(solvers / f"{name}.toml")
+        start = None  # the blind count accepted for the previous seed
+        for seed in seeds:
+            for name in (f"lenet5_energy_{b}pct", f"lenet5_energy_psgd_{b}pct"):
+                recipe = load_recipe(solvers / f"{name}.toml").with_overrides(
+                    {"problem.seed": seed}
+                )
+                if quick:
+                    recipe = recipe.scaled(QUICK_FACTOR)
+                validate(recipe)
+                report = solve_or_reuse(
+                    recipe,
+                    run_dir(out, name, seed),
+                    label=f"{name} seed {seed}",
+                    quiet=quiet,
+                    plots=not quick,
+                )
+                rows.append(_row(report, name) | {"budget_fraction": b / 100})
+                if not quiet:
+                    print(
+                        f"{name} seed {seed}: {rows[-1]['test_error']:.2%} error at "
+                        f"{rows[-1]['energy_fraction']:.2%} energy",
+                        flush=True,
+                    )
+            recipe = load_recipe(solvers / f"lenet5_energy_{b}pct.toml").with_overrides(
+                {"problem.seed": seed}
+            )
             if quick:
                 recipe = recipe.scaled(QUICK_FACTOR)
-            validate(recipe)
-            progress = Progress(total_epochs(recipe), name, enabled=not quiet)
-            try:
-                report = solve(recipe, out / name, callback=progress, plots=not quick)
-            finally:
-                progress.close()
-            rows.append(_row(report, name) | {"budget_fraction": b / 100})
+            report, attempts = tune_blind(
+                recipe, run_dir(out, f"lenet5_blind_{b}pct", seed), quiet=quiet, start=start
+            )
+            start = attempts[report["tuning_accepted"] - 1]["count"]
+            rows.append(
+                _row(report, f"lenet5_energy_{b}pct (param budget)") | {"budget_fraction": b / 100}
+            )
             if not quiet:
                 print(
-                    f"{name}: {rows[-1]['test_error']:.2%} error at "
+                    f"blind {b}% seed {seed}: {rows[-1]['test_error']:.2%} error at "
                     f"{rows[-1]['energy_fraction']:.2%} energy",
                     flush=True,
                 )
-        recipe = load_recipe(solvers / f"lenet5_energy_{b}pct.toml")
-        if quick:
-            recipe = recipe.scaled(QUICK_FACTOR)
-        report, _ = tune_blind(recipe, out / f"lenet5_blind_{b}pct", quiet=quiet)
-        rows.append(
-            _row(report, f"lenet5_energy_{b}pct (param budget)") | {"budget_fraction": b / 100}
-        )
-        if not quiet:
-            print(
-                f"blind {b}%: {rows[-1]['test_error']:.2%} error at "
-                f"{rows[-1]['energy_fraction']:.2%} energy",
-                flush=True,
-            )
     timing = time_projection(repeats=3 if quick else 5)
     gaps = greedy_gaps(50 if quick else 200)
     command = "admmprune bench --suite energy"
     if tuple(budgets) != BUDGETS:
         command += " --budgets " + ",".join(map(str, budgets))
+    if tuple(seeds) != (0,):
+        command += " --seeds " + ",".join(map(str, seeds))
     results = results_header(command, quick, started)
-    results |= {"runs": rows, "projection_timing": timing, "greedy_vs_exact": gaps}
+    results |= {
+        "seeds": list(seeds),
+        "runs": rows,
+        "summary": summarize(rows),
+        "projection_timing": timing,
+        "greedy_vs_exact": gaps,
+    }
     results["targets"] = check_targets(results)
     return write_results(out, results, markdown_table, quiet)
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per budget and method: test error over seeds (mean, sample std, each seed).
+
+    Also, per budget, energy ADMM's error minus each other method's, seed by
+    seed (the seeds share their dense model, so the pairing removes its
+    share of the noise): the mean difference and its standard error.
+    """
+    out = []
+    for b in sorted({r["budget_fraction"] for r in rows}, reverse=True):
+        at = [r for r in rows if r["budget_fraction"] == b]
+        by_method = {}
+        for m in METHOD_NAMES:
+            runs = sorted((r for r in at if r["method"] == m), key=lambda r: r.get("seed", 0))
+            if runs:
+                errors = [r["test_error"] for r in runs]
+                by_method[m] = {
+                    "seeds": [r.get("seed", 0) for r in runs],
+                    "test_errors": errors,
+                    "mean": statistics.fmean(errors),
+                    "std": statistics.stdev(errors) if len(errors) > 1 else None,
+                    "energy_fractions": [r["energy_fraction"] for r in runs],
+                }
+        paired = {}
+        if "admm" in by_method:
+            mine = dict(
+                zip(by_method["admm"]["seeds"], by_method["admm"]["test_errors"], strict=True)
+            )
+            for m, s in by_method.items():
+                diffs = [
+                    e - mine[k]
+                    for k, e in zip(s["seeds"], s["test_errors"], strict=True)
+                    if k in mine
+                ]
+                if m != "admm" and diffs:
+                    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None
+                    paired[m] = {"mean": statistics.fmean(diffs), "se": se, "n": len(diffs)}
+        out.append({"budget_fraction": b, "methods": by_method, "others_minus_admm": paired})
+    return out
 
 
 def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -334,20 +444,26 @@ def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         targets.append(target(what, value, met))
 
     rows = results["runs"]
+    many = len(results.get("seeds", [0])) > 1
     for r in rows:
+        seed = f" (seed {r['seed']})" if many else ""
         add(
-            f"{METHOD_NAMES[r['method']]} at {r['budget_fraction']:.0%}: meets its energy budget",
+            f"{METHOD_NAMES[r['method']]} at {r['budget_fraction']:.0%}{seed}: meets its energy "
+            "budget",
             f"{r['energy_fraction']:.3%}",
             r["energy_fraction"] <= r["budget_fraction"] * (1 + 1e-9),
         )
-    for b in sorted({r["budget_fraction"] for r in rows}, reverse=True):
-        at = {r["method"]: r for r in rows if r["budget_fraction"] == b}
-        if len(at) == 3:
-            others = min(at[m]["test_error"] for m in ("projected_sgd", "blind_admm"))
+    for s in results.get("summary") or summarize(rows):
+        m = s["methods"]
+        if len(m) == 3:
+            n = len(m["admm"]["test_errors"])
+            others = min(m[k]["mean"] for k in ("projected_sgd", "blind_admm"))
+            over = f"mean over {n} seeds: " if n > 1 else ""
             add(
-                f"{b:.0%} of dense energy: energy-constrained ADMM is the most accurate",
-                f"{at['admm']['test_error']:.2%} vs best other {others:.2%}",
-                at["admm"]["test_error"] < others,
+                f"{s['budget_fraction']:.0%} of dense energy: energy-constrained ADMM is the "
+                "most accurate",
+                f"{over}{m['admm']['mean']:.2%} vs best other {others:.2%}",
+                m["admm"]["mean"] < others,
             )
     for t in results["projection_timing"]:
         add(
@@ -366,12 +482,41 @@ def markdown_table(results: dict[str, Any]) -> str:
         "energy in the accelerator model of Yang, Zhu & Liu (ICLR 2019), dense = 100%, "
         "floor 5.86%.",
         "",
-        "| energy budget | method | energy used | test error | weights kept | epochs | wall |",
-        "|---|---|---|---|---|---|---|",
+    ]
+    many = len(results.get("seeds", [0])) > 1
+    if many:
+        lines += [
+            f"Test error over seeds {', '.join(map(str, results['seeds']))} (each a whole "
+            "replicate: dense model, data order, solver); the last column is each other "
+            "method's error minus energy ADMM's, paired by seed (mean +- standard error).",
+            "",
+            "| energy budget | method | test error, mean +- std | per seed | vs energy ADMM |",
+            "|---|---|---|---|---|",
+        ]
+        for s in results.get("summary") or summarize(results["runs"]):
+            for m, x in s["methods"].items():
+                std = f" +- {x['std']:.2%}" if x["std"] is not None else ""
+                d = s["others_minus_admm"].get(m)
+                vs = (
+                    ""
+                    if d is None
+                    else f"{d['mean']:+.2%}" + (f" +- {d['se']:.2%}" if d["se"] is not None else "")
+                )
+                lines.append(
+                    f"| {s['budget_fraction']:.0%} | {METHOD_NAMES[m]} | {x['mean']:.2%}{std} | "
+                    f"{', '.join(f'{e:.2%}' for e in x['test_errors'])} | {vs} |"
+                )
+        lines += ["", "Every run:", ""]
+    seed_head, seed_rule = (" seed |", "---|") if many else ("", "")
+    lines += [
+        f"| energy budget | method |{seed_head} energy used | test error | weights kept | "
+        "epochs | wall |",
+        f"|---|---|{seed_rule}---|---|---|---|---|",
     ]
     for r in results["runs"]:
+        seed = f" {r['seed']} |" if many else ""
         lines.append(
-            f"| {r['budget_fraction']:.0%} | {METHOD_NAMES[r['method']]} | "
+            f"| {r['budget_fraction']:.0%} | {METHOD_NAMES[r['method']]} |{seed} "
             f"{r['energy_fraction']:.2%} | {r['test_error']:.2%} | {r['kept_fraction']:.2%} | "
             f"{r['epochs']} | {r['solver_wall_seconds']:.0f} s |"
         )
@@ -382,8 +527,9 @@ def markdown_table(results: dict[str, Any]) -> str:
                 f"{a['test_error']:.2%} error"
                 for a in r["tuning"]
             )
+            seed = f", seed {r['seed']}" if many else ""
             lines.append(
-                f"\nEnergy-blind tuning at {r['budget_fraction']:.0%} (run "
+                f"\nEnergy-blind tuning at {r['budget_fraction']:.0%}{seed} (run "
                 f"{r['tuning_accepted']} accepted): {tried}."
             )
     dense = {r["dense_test_error"] for r in results["runs"]}
@@ -409,6 +555,9 @@ __all__ = [
     "greedy_gaps",
     "largest_count_within",
     "next_count",
+    "run_dir",
     "run_energy_benchmark",
+    "solve_or_reuse",
+    "summarize",
     "time_projection",
 ]

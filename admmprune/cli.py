@@ -151,8 +151,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         )
     if args.suite in ("energy", "all"):
         out = Path(args.out) / "energy" if args.suite == "all" else Path(args.out)
-        budgets = tuple(int(b) for b in args.budgets.split(",")) if args.budgets else None
-        extra = {"budgets": budgets} if budgets else {}
+        extra: dict[str, Any] = {}
+        if args.budgets:
+            extra["budgets"] = tuple(int(b) for b in args.budgets.split(","))
+        if args.seeds:
+            extra["seeds"] = tuple(int(s) for s in args.seeds.split(","))
         run_energy_benchmark(
             out, solvers=Path(args.solvers), quick=args.quick, quiet=args.quiet, **extra
         )
@@ -206,6 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--budgets",
         help="energy suite: comma-separated percentages of dense energy (default 20,12,8); "
         "each needs solvers/lenet5_energy_<B>pct.toml and lenet5_energy_psgd_<B>pct.toml",
+    )
+    b.add_argument(
+        "--seeds",
+        help="energy suite: comma-separated seeds, each a whole replicate (default 0); "
+        "targets compare means over seeds. Finished runs in OUT are reused",
     )
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=cmd_bench)

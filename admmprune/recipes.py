@@ -300,6 +300,29 @@ class Recipe:
             keep=b["keep"], count=b["count"], per_layer=b["per_layer"], allocation=b["allocation"]
         )
 
+    def matches(self, recorded: Mapping[str, Any]) -> bool:
+        """Whether ``recorded`` (a report's ``recipe``) describes this recipe.
+
+        A key missing from ``recorded`` matches when this recipe has its
+        default there: the report predates the key, and the default is
+        what that run did.
+        """
+        mine = self.as_dict()
+        if set(recorded) != set(mine):
+            return False
+
+        def default(section: str, key: str) -> Any:
+            return json.loads(json.dumps(SCHEMA[section][key].default, default=str))
+
+        for section, values in mine.items():
+            old = recorded[section]
+            if set(old) - set(values):
+                return False
+            for key, value in values.items():
+                if old.get(key, default(section, key)) != value:
+                    return False
+        return True
+
     def fingerprint(self) -> str:
         """A hash of the whole recipe (a checkpoint is only resumed by the recipe that wrote it)."""
         return hashlib.sha256(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()
