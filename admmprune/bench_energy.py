@@ -134,6 +134,7 @@ def tune_blind(
     *,
     quiet: bool,
     max_runs: int = 4,
+    extra_runs: int = 2,
     close: float = 0.97,
     start: int | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -147,8 +148,9 @@ def tune_blind(
     then the secant once runs bracket the budget), and ADMM reruns from the
     dense weights with it. The search stops when a run is under budget and
     uses at least ``close`` of the energy above the floor that the budget
-    allows, or after ``max_runs``. The accepted run is the most accurate one
-    under budget (if none is, the last, which then fails its target);
+    allows, or after ``max_runs`` -- or, while no run is under budget yet,
+    after up to ``extra_runs`` more. The accepted run is the most accurate
+    one under budget (if none is, the last, which then fails its target);
     every attempt is recorded in ``report["tuning"]``.
     """
     from admmprune.runner import dense_params, load_data
@@ -164,7 +166,9 @@ def tune_blind(
         count = start
     attempts: list[dict[str, Any]] = []
     reports: list[dict[str, Any]] = []
-    for attempt in range(max_runs):
+    for attempt in range(max_runs + extra_runs):
+        if attempt >= max_runs and any(a["energy"] <= limit for a in attempts):
+            break
         blind = recipe.with_overrides(
             {"budget.energy_fraction": None, "budget.count": count, "problem.name": recipe.name}
         )

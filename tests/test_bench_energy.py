@@ -145,3 +145,27 @@ def test_blind_tuning_starts_from_the_count_it_is_given(tmp_path, monkeypatch):
     assert tried[0] == 12_000 and len(attempts) == 2
     assert 0.97 * 10_000 <= tried[1] <= 10_000
     assert report["tuning_accepted"] == 2 and report["method"] == "blind_admm"
+
+
+def test_blind_tuning_runs_past_its_limit_only_while_nothing_is_under_budget(tmp_path, monkeypatch):
+    recipe = load_recipe(RECIPE)
+    model = recipe.energy_model()
+    limit, floor = 0.12 * model.dense(), model.floor()
+
+    def fake(blind, out, **_):
+        # Every count from 50 up is just over budget; below 50, far under.
+        count = blind.budget["count"]
+        energy = floor + (limit - floor) * (1.0001 if count >= 50 else 0.5)
+        return {
+            "energy": {"pruned": energy, "fraction": energy / model.dense()},
+            "test_error": 0.01,
+        }
+
+    monkeypatch.setattr(bench_energy, "solve_or_reuse", fake)
+    report, attempts = bench_energy.tune_blind(recipe, tmp_path, quiet=True, start=100)
+    assert len(attempts) == 6 and report["tuning_accepted"] == 6  # 4 + 2, none under
+    assert all(a["energy"] > limit for a in attempts)
+    report, attempts = bench_energy.tune_blind(recipe, tmp_path, quiet=True, start=52)
+    # 52, 51 and 50 are over; the fourth run, 49, is under (if not close): no extra runs.
+    assert [a["count"] for a in attempts] == [52, 51, 50, 49]
+    assert report["tuning_accepted"] == 4
