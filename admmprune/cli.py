@@ -156,6 +156,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             extra["budgets"] = tuple(int(b) for b in args.budgets.split(","))
         if args.seeds:
             extra["seeds"] = tuple(int(s) for s in args.seeds.split(","))
+        if args.psgd_seeds:
+            extra["psgd_seeds"] = tuple(int(s) for s in args.psgd_seeds.split(","))
         run_energy_benchmark(
             out, solvers=Path(args.solvers), quick=args.quick, quiet=args.quiet, **extra
         )
@@ -214,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--seeds",
         help="energy suite: comma-separated seeds, each a whole replicate (default 0); "
         "targets compare means over seeds. Finished runs in OUT are reused",
+    )
+    b.add_argument(
+        "--psgd-seeds",
+        help="energy suite: the seeds that also run projected SGD (default: all of --seeds)",
     )
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=cmd_bench)
