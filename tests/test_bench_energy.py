@@ -169,3 +169,33 @@ def test_blind_tuning_runs_past_its_limit_only_while_nothing_is_under_budget(tmp
     # 52, 51 and 50 are over; the fourth run, 49, is under (if not close): no extra runs.
     assert [a["count"] for a in attempts] == [52, 51, 50, 49]
     assert report["tuning_accepted"] == 4
+
+
+def test_blind_tuning_accepts_the_run_nearest_the_budget_not_the_best_test_error(
+    tmp_path, monkeypatch
+):
+    recipe = load_recipe(RECIPE)
+    model = recipe.energy_model()
+    limit, floor = 0.12 * model.dense(), model.floor()
+    runs = {  # count -> (share of the energy above the floor the budget allows, test error)
+        5000: (0.50, 0.001),  # far under budget, best test error
+        10000: (1.01, 0.020),  # over
+        9900: (0.96, 0.015),  # under, not close
+        9950: (0.965, 0.010),  # under, nearest the budget
+    }
+
+    def fake(blind, out, **_):
+        share, error = runs[blind.budget["count"]]
+        energy = floor + (limit - floor) * share
+        return {
+            "energy": {"pruned": energy, "fraction": energy / model.dense()},
+            "test_error": error,
+        }
+
+    monkeypatch.setattr(bench_energy, "solve_or_reuse", fake)
+    monkeypatch.setattr(
+        bench_energy, "next_count", lambda a, *_: [10000, 9900, 9950, 1][len(a) - 1]
+    )
+    report, attempts = bench_energy.tune_blind(recipe, tmp_path, quiet=True, start=5000)
+    assert [a["count"] for a in attempts] == [5000, 10000, 9900, 9950]
+    assert report["tuning_accepted"] == 4 and report["test_error"] == 0.010
