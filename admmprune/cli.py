@@ -152,12 +152,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.suite in ("energy", "all"):
         out = Path(args.out) / "energy" if args.suite == "all" else Path(args.out)
         extra: dict[str, Any] = {}
-        if args.budgets:
-            extra["budgets"] = tuple(int(b) for b in args.budgets.split(","))
-        if args.seeds:
-            extra["seeds"] = tuple(int(s) for s in args.seeds.split(","))
-        if args.psgd_seeds:
-            extra["psgd_seeds"] = tuple(int(s) for s in args.psgd_seeds.split(","))
+        for key in ("budgets", "seeds", "psgd_seeds"):
+            if getattr(args, key):
+                extra[key] = getattr(args, key)
         run_energy_benchmark(
             out, solvers=Path(args.solvers), quick=args.quick, quiet=args.quiet, **extra
         )
@@ -172,6 +169,19 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
     print(f"MNIST cached at {fetch_mnist(args.dir)}")
     return 0
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    """A comma-separated list of non-negative integers, e.g. ``20,12,8``."""
+    try:
+        values = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated non-negative integers such as 0,1,2, got {text!r}"
+        )
+    return values
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,16 +219,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument(
         "--budgets",
+        type=_int_list,
         help="energy suite: comma-separated percentages of dense energy (default 20,12,8); "
         "each needs solvers/lenet5_energy_<B>pct.toml and lenet5_energy_psgd_<B>pct.toml",
     )
     b.add_argument(
         "--seeds",
+        type=_int_list,
         help="energy suite: comma-separated seeds, each a whole replicate (default 0); "
         "targets compare means over seeds. Finished runs in OUT are reused",
     )
     b.add_argument(
         "--psgd-seeds",
+        type=_int_list,
         help="energy suite: the seeds that also run projected SGD (default: all of --seeds)",
     )
     b.add_argument("--quiet", action="store_true")

@@ -199,3 +199,13 @@ def test_blind_tuning_accepts_the_run_nearest_the_budget_not_the_best_test_error
     report, attempts = bench_energy.tune_blind(recipe, tmp_path, quiet=True, start=5000)
     assert [a["count"] for a in attempts] == [5000, 10000, 9900, 9950]
     assert report["tuning_accepted"] == 4 and report["test_error"] == 0.010
+
+
+@pytest.mark.parametrize("flag", ["--budgets", "--seeds", "--psgd-seeds"])
+def test_bad_lists_of_seeds_or_budgets_exit_2_and_say_what_is_expected(flag, capsys):
+    from admmprune.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--suite", "energy", flag, "0,x"])
+    assert e.value.code == 2
+    assert "comma-separated non-negative integers" in capsys.readouterr().err
