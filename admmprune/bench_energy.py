@@ -175,8 +175,6 @@ def tune_blind(
     attempts: list[dict[str, Any]] = []
     reports: list[dict[str, Any]] = []
     for attempt in range(max_runs + extra_runs):
-        if attempt >= max_runs and any(a["energy"] <= limit for a in attempts):
-            break
         blind = recipe.with_overrides(
             {"budget.energy_fraction": None, "budget.count": count, "problem.name": recipe.name}
         )
@@ -200,6 +198,8 @@ def tune_blind(
         )
         if energy <= limit and energy - floor >= close * (limit - floor):
             break
+        if attempt + 1 >= max_runs and any(a["energy"] <= limit for a in attempts):
+            break  # past max_runs only while nothing is under budget
         count = next_count(attempts, limit, floor)
     under = [i for i, a in enumerate(attempts) if a["energy"] <= limit]
     best = max(under, key=lambda i: attempts[i]["energy"]) if under else len(attempts) - 1
@@ -350,51 +350,46 @@ def run_energy_benchmark(
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     rows = []
+
+    def record(report: dict[str, Any], recipe: str, budget: int, label: str) -> None:
+        rows.append(_row(report, recipe) | {"budget_fraction": budget / 100})
+        if not quiet:
+            print(
+                f"{label}: {rows[-1]['test_error']:.2%} error at "
+                f"{rows[-1]['energy_fraction']:.2%} energy",
+                flush=True,
+            )
+
     for b in budgets:
         start = None  # the blind count accepted for the previous seed
         for seed in seeds:
             names = [f"lenet5_energy_{b}pct"]
             if psgd_seeds is None or seed in psgd_seeds:
                 names.append(f"lenet5_energy_psgd_{b}pct")
+            recipes = {}
             for name in names:
                 recipe = load_recipe(solvers / f"{name}.toml").with_overrides(
                     {"problem.seed": seed}
                 )
-                if quick:
-                    recipe = recipe.scaled(QUICK_FACTOR)
-                validate(recipe)
+                recipes[name] = recipe.scaled(QUICK_FACTOR) if quick else recipe
+                validate(recipes[name])
                 report = solve_or_reuse(
-                    recipe,
+                    recipes[name],
                     run_dir(out, name, seed),
                     label=f"{name} seed {seed}",
                     quiet=quiet,
                     plots=not quick,
                 )
-                rows.append(_row(report, name) | {"budget_fraction": b / 100})
-                if not quiet:
-                    print(
-                        f"{name} seed {seed}: {rows[-1]['test_error']:.2%} error at "
-                        f"{rows[-1]['energy_fraction']:.2%} energy",
-                        flush=True,
-                    )
-            recipe = load_recipe(solvers / f"lenet5_energy_{b}pct.toml").with_overrides(
-                {"problem.seed": seed}
-            )
-            if quick:
-                recipe = recipe.scaled(QUICK_FACTOR)
+                record(report, name, b, f"{name} seed {seed}")
+            # Energy-blind ADMM: the energy ADMM recipe with its budget swapped.
             report, attempts = tune_blind(
-                recipe, run_dir(out, f"lenet5_blind_{b}pct", seed), quiet=quiet, start=start
+                recipes[names[0]],
+                run_dir(out, f"lenet5_blind_{b}pct", seed),
+                quiet=quiet,
+                start=start,
             )
             start = attempts[report["tuning_accepted"] - 1]["count"]
-            rows.append(
-                _row(report, f"lenet5_energy_{b}pct (param budget)") | {"budget_fraction": b / 100}
-            )
-            if not quiet:
-                print(
-                    f"blind {b}% seed {seed}: {rows[-1]['test_error']:.2%} error at "
-                    f"{rows[-1]['energy_fraction']:.2%} energy",
-                    flush=True,
-                )
+            record(report, f"{names[0]} (param budget)", b, f"blind {b}% seed {seed}")
     timing = time_projection(repeats=3 if quick else 5)
     gaps = greedy_gaps(50 if quick else 200)
     command = "admmprune bench --suite energy"
@@ -506,15 +501,17 @@ def markdown_table(results: dict[str, Any]) -> str:
     ]
     many = len(results.get("seeds", [0])) > 1
     if many:
+        seeds = results["seeds"]
+        psgd = results.get("psgd_seeds", seeds)
+        fewer = (
+            f"; projected SGD on seed{'s' * (len(psgd) > 1)} {', '.join(map(str, psgd))} only"
+            if psgd != seeds
+            else ""
+        )
         lines += [
-            f"Test error over seeds {', '.join(map(str, results['seeds']))} (each a whole "
-            "replicate: dense model, data order, solver"
-            + (
-                f"; projected SGD on seed{'s' * (len(psgd) > 1)} {', '.join(map(str, psgd))} only"
-                if (psgd := results.get("psgd_seeds", results["seeds"])) != results["seeds"]
-                else ""
-            )
-            + "); the last column is each other method's error minus energy ADMM's, paired "
+            f"Test error over seeds {', '.join(map(str, seeds))} (each a whole "
+            f"replicate: dense model, data order, solver{fewer}); the last column is "
+            "each other method's error minus energy ADMM's, paired "
             "by seed (mean +- standard error).",
             "",
             "| energy budget | method | test error, mean +- std | per seed | vs energy ADMM |",

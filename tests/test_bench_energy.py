@@ -209,3 +209,62 @@ def test_bad_lists_of_seeds_or_budgets_exit_2_and_say_what_is_expected(flag, cap
         main(["bench", "--suite", "energy", flag, "0,x"])
     assert e.value.code == 2
     assert "comma-separated non-negative integers" in capsys.readouterr().err
+
+
+def test_the_benchmark_loop_runs_each_seed_and_chains_the_blind_count(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_solve(recipe, out, **_):
+        calls.append((recipe.name, recipe.problem["seed"], Path(out).name))
+        return _fake_report(recipe, recipe.method)
+
+    def fake_tune(recipe, out, *, quiet, start):
+        calls.append(("blind", recipe.problem["seed"], start, Path(out).name))
+        report = _fake_report(recipe, "blind_admm")
+        count = 1000 + recipe.problem["seed"]
+        report["tuning"] = [{"attempt": 1, "count": count, "energy": 1.0}]
+        report["tuning_accepted"] = 1
+        return report, report["tuning"]
+
+    monkeypatch.setattr(bench_energy, "solve_or_reuse", fake_solve)
+    monkeypatch.setattr(bench_energy, "tune_blind", fake_tune)
+    monkeypatch.setattr(bench_energy, "time_projection", lambda repeats: [])
+    monkeypatch.setattr(
+        bench_energy, "greedy_gaps", lambda n: {"instances": n} | dict.fromkeys(GAP_KEYS, 0.0)
+    )
+    monkeypatch.setattr(bench_energy, "write_results", lambda out, results, table, quiet: results)
+    results = bench_energy.run_energy_benchmark(
+        tmp_path, solvers=RECIPE.parent, budgets=(12,), seeds=(0, 1), psgd_seeds=(0,), quiet=True
+    )
+    assert calls == [
+        ("lenet5_energy_12pct", 0, "lenet5_energy_12pct"),
+        ("lenet5_energy_psgd_12pct", 0, "lenet5_energy_psgd_12pct"),
+        ("blind", 0, None, "lenet5_blind_12pct"),
+        ("lenet5_energy_12pct", 1, "lenet5_energy_12pct-seed1"),
+        ("blind", 1, 1000, "lenet5_blind_12pct-seed1"),  # warm-started from seed 0's count
+    ]
+    assert [(r["method"], r["seed"]) for r in results["runs"]] == [
+        ("admm", 0),
+        ("projected_sgd", 0),
+        ("blind_admm", 0),
+        ("admm", 1),
+        ("blind_admm", 1),
+    ]
+    assert results["command"].endswith("--budgets 12 --seeds 0,1 --psgd-seeds 0")
+
+
+GAP_KEYS = ("mean_gap", "median_gap", "max_gap", "optimal_fraction", "mean_certified_bound")
+
+
+def _fake_report(recipe, method):
+    return {
+        "recipe": recipe.as_dict(),
+        "method": method,
+        "energy": {"fraction": 0.12},
+        "test_error": 0.01,
+        "dense_test_accuracy": 0.99,
+        "kept_fraction": 0.05,
+        "epochs": 20,
+        "solver_wall_seconds": 1.0,
+        "per_layer": [],
+    }
