@@ -42,6 +42,7 @@ from admmprune.budgets import Budget
 from admmprune.results import PruneResult, finish, with_eval
 from admmprune.training import LossFn, check_batch_size, run_epoch, train
 
+METRICS = ("euclidean", "fisher", "diag_fisher")
 EvalFn = Callable[[PyTree], Mapping[str, float]]
 Callback = Callable[[dict[str, Any]], None]
 Compensate = Callable[[PyTree, PyTree], PyTree]
@@ -58,8 +59,9 @@ class AdmmState(NamedTuple):
         rho: the current penalty (scalar array).
         iteration: ADMM iterations completed (scalar int array).
         key: PRNG key for the next shuffles.
-        metric: per-leaf penalty weights d_l (scalar arrays, like params) for
-            ``metric="fisher"``; None for the Euclidean metric.
+        metric: the penalty weights d, like params: one scalar per leaf for
+            ``metric="fisher"``, one per weight for ``metric="diag_fisher"``;
+            None for the Euclidean metric.
     """
 
     params: PyTree
@@ -114,8 +116,26 @@ class ADMM:
             early convolution, reused at every position, moves the loss far
             more than its magnitude says (the OBD saliency ``h_ii w_i^2``,
             with the layer-averaged Fisher standing in for ``h_ii``).
+            ``"diag_fisher"``: one weight per *weight*,
+            ``d_i = F_ii + damp * mean_l(F)`` (F the empirical Fisher
+            diagonal, damped by ``metric_damp`` times its layer mean so a
+            weight whose sampled gradients vanish keeps a penalty), again
+            normalized to average 1. The Z-step then keeps the weights of
+            largest OBD saliency per unit cost, ``d_i v_i^2 / c_i`` (LeCun et
+            al., "Optimal Brain Damage", NIPS 1990), instead of ``v_i^2 / c_i``.
         metric_examples: training examples whose per-example gradients
             estimate the Fisher diagonal.
+        decay_iterations: progressive ADMM (Ye et al., "Progressive Weight
+            Pruning of DNNs using ADMM", 2018): the Z-step of iteration k
+            (1-based) projects onto ``budget.relax(min(1, k /
+            decay_iterations))``, a budget moved from dense to the target
+            over that many iterations (geometrically; see the budget's
+            ``relax``), so W is pulled toward a sparse set gradually and the
+            loss, through the W-steps and the dual, has time to decide which
+            weights survive before the full cut. 0 (default): the target
+            from the first Z-step. The hard prune always uses the target.
+        metric_damp: the damping of ``"diag_fisher"``, a fraction of each
+            layer's mean Fisher diagonal.
     """
 
     budget: Budget
@@ -130,12 +150,16 @@ class ADMM:
     retrain_optimizer: optax.GradientTransformation | None = None
     batch_size: int = 128
     compensate: Compensate | None = None
-    metric: Literal["euclidean", "fisher"] = "euclidean"
+    metric: Literal["euclidean", "fisher", "diag_fisher"] = "euclidean"
     metric_examples: int = 1024
+    metric_damp: float = 0.01
+    decay_iterations: int = 0
 
     def __post_init__(self) -> None:
-        if self.metric not in ("euclidean", "fisher"):
-            raise ValueError(f"metric must be 'euclidean' or 'fisher', got {self.metric!r}.")
+        if self.metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}.")
+        if not (self.metric_damp >= 0 and math.isfinite(self.metric_damp)):
+            raise ValueError(f"metric_damp must be >= 0 and finite, got {self.metric_damp}.")
         if not (self.rho > 0 and math.isfinite(self.rho)):
             raise ValueError(f"rho must be positive and finite, got {self.rho}.")
         if self.rho_growth < 1:
@@ -146,7 +170,7 @@ class ADMM:
             raise ValueError(
                 f"metric_examples must be a positive integer, got {self.metric_examples!r}."
             )
-        for name in ("iterations", "epochs_per_iteration", "retrain_epochs"):
+        for name in ("iterations", "epochs_per_iteration", "retrain_epochs", "decay_iterations"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {v!r}.")
@@ -158,14 +182,21 @@ class ADMM:
         """Total training epochs: W-steps plus retraining (at most; tol may stop early)."""
         return self.iterations * self.epochs_per_iteration + self.retrain_epochs
 
+    def budget_at(self, iteration: int) -> Budget:
+        """The budget of the Z-step of iteration ``iteration`` (0-based)."""
+        if self.decay_iterations == 0 or iteration + 1 >= self.decay_iterations:
+            return self.budget
+        return self.budget.relax((iteration + 1) / self.decay_iterations)
+
     def rho_at(self, iteration: int) -> float:
         """The penalty used in iteration ``iteration`` (0-based)."""
         return min(self.rho * self.rho_growth**iteration, self.rho_max)
 
     # ---------------------------------------------------------------- pieces
     def init(self, params: PyTree, key: jax.Array, metric: PyTree = None) -> AdmmState:
-        """Initial state: ``Z = Proj_S(W)`` (in ``metric``), ``U = 0``, fresh optimizer state."""
-        z = apply_masks(params, self.budget.mask(_scaled(params, metric)))
+        """Initial state: ``Z = Proj_S(W)`` (in ``metric``; S relaxed to dense with
+        ``decay_iterations``), ``U = 0``, fresh optimizer state."""
+        z = apply_masks(params, self.budget_at(-1).mask(_scaled(params, metric)))
         return AdmmState(
             params=params,
             opt_state=self.optimizer.init(params),
@@ -177,16 +208,27 @@ class ADMM:
             metric=metric,
         )
 
+    def metric_like(self, params: PyTree) -> PyTree | None:
+        """A placeholder with the structure of :meth:`fisher_metric`'s result
+        (zeros), e.g. for the template :func:`load_checkpoint` needs."""
+        if self.metric == "euclidean":
+            return None
+        if self.metric == "fisher":
+            return jax.tree.map(lambda a: jnp.zeros((), jnp.float32), params)
+        return jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), params)
+
     def fisher_metric(
         self, params: PyTree, loss_fn: LossFn, data: PyTree, key: jax.Array
     ) -> PyTree | None:
-        """The per-leaf weights d_l of ``metric="fisher"`` (None for Euclidean).
+        """The penalty weights d of the run's metric (None for Euclidean).
 
-        d_l is the mean over layer l of the empirical Fisher diagonal,
-        ``mean_i E_x[(dL(x)/dw_i)^2]``, from per-example gradients of
-        ``metric_examples`` training examples drawn with ``key``; prunable
-        leaves are normalized so the weight-count-weighted mean of d is 1
-        (rho keeps its meaning), other leaves get 1.
+        From per-example gradients of ``metric_examples`` training examples
+        drawn with ``key``, the empirical Fisher diagonal
+        ``F_ii = E_x[(dL(x)/dw_i)^2]``. ``"fisher"``: d_l is its mean over
+        layer l (a scalar per leaf). ``"diag_fisher"``: ``d_i = F_ii + damp
+        mean_l(F)``, an array per leaf. Prunable leaves are normalized so the
+        mean of d over all prunable weights is 1 (rho keeps its meaning);
+        other leaves get 1.
         """
         if self.metric == "euclidean":
             return None
@@ -195,15 +237,25 @@ class ADMM:
         chunk = min(64, self.metric_examples, n)
         m = (min(self.metric_examples, n) // chunk) * chunk
         idx = jax.random.permutation(key, n)[:m]
-        sums = _fisher_layer_sums(params, loss_fn, jax.tree.map(lambda a: a[idx], data), chunk)
+        sums = _fisher_sums(params, loss_fn, jax.tree.map(lambda a: a[idx], data), chunk)
         leaves, treedef = jax.tree.flatten(params)
-        sizes = [leaf.size for leaf in leaves]
-        means = [float(v) / (m * size) for v, size in zip(sums, sizes, strict=True)]
-        total = sum(size for size, f in zip(sizes, flags, strict=True) if f)
-        avg = sum(mu * size for mu, size, f in zip(means, sizes, flags, strict=True) if f) / total
+        fisher = [s / m for s in sums]  # F_ii, shaped like each leaf
+        if self.metric == "fisher":
+            d = [jnp.mean(f) for f in fisher]
+        else:
+            d = [f + self.metric_damp * jnp.mean(f) for f in fisher]
+        total = sum(leaf.size for leaf, f in zip(leaves, flags, strict=True) if f)
+        avg = (
+            sum(
+                float(jnp.sum(jnp.broadcast_to(di, leaf.shape)))
+                for di, leaf, f in zip(d, leaves, flags, strict=True)
+                if f
+            )
+            / total
+        )
         d = [
-            jnp.asarray(mu / avg if f and avg > 0 else 1.0, jnp.float32)
-            for mu, f in zip(means, flags, strict=True)
+            (di / avg if f and avg > 0 else jnp.ones_like(di)).astype(jnp.float32)
+            for di, f in zip(d, flags, strict=True)
         ]
         return jax.tree.unflatten(treedef, d)
 
@@ -245,10 +297,10 @@ class ADMM:
             )
             losses.append(stats.loss)
             seconds += stats.seconds
-        z_new, u_new, figures = _z_and_u_step(
-            params, state.z, state.u, rho, self.budget, flags, state.metric
-        )
         it = int(state.iteration)
+        z_new, u_new, figures = _z_and_u_step(
+            params, state.z, state.u, rho, self.budget_at(it), flags, state.metric
+        )
         next_rho = self.rho_at(it + 1)
         scale = float(rho) / next_rho
         if scale != 1.0:
@@ -268,6 +320,9 @@ class ADMM:
             "iteration": it + 1,
             "loss": sum(losses) / max(len(losses), 1),
             "rho": float(rho),
+            "budget_progress": min(1.0, (it + 1) / self.decay_iterations)
+            if self.decay_iterations
+            else 1.0,
             **{k: float(v) for k, v in figures.items()},
             "seconds": seconds,  # the W-step epochs of this iteration
         }
@@ -394,26 +449,23 @@ def _scaled(params: PyTree, metric: PyTree) -> PyTree:
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "chunk"))
-def _fisher_layer_sums(
-    params: PyTree, loss_fn: LossFn, batch: PyTree, chunk: int
-) -> list[jax.Array]:
-    """Per leaf, the sum over examples and entries of squared per-example gradients.
+def _fisher_sums(params: PyTree, loss_fn: LossFn, batch: PyTree, chunk: int) -> list[jax.Array]:
+    """Per leaf, the sum over examples of squared per-example gradients, entrywise.
 
     ``batch`` holds a multiple of ``chunk`` examples; per-example gradients
     are formed ``chunk`` at a time (vmap inside a scan), squared and summed
-    in float32 per chunk, accumulated across chunks in the leaves' dtype.
+    per chunk, accumulated across chunks in float32.
     """
 
-    def per_example(example: PyTree) -> list[jax.Array]:
-        g = jax.grad(loss_fn)(params, jax.tree.map(lambda a: a[None], example))
-        return [jnp.sum(x * x) for x in jax.tree.leaves(g)]
-
     def body(total: list[jax.Array], part: PyTree) -> tuple[list[jax.Array], None]:
-        sq = jax.vmap(per_example)(part)
-        return [t + jnp.sum(s) for t, s in zip(total, sq, strict=True)], None
+        g = jax.vmap(lambda ex: jax.grad(loss_fn)(params, jax.tree.map(lambda a: a[None], ex)))(
+            part
+        )
+        sq = [jnp.sum(x * x, axis=0) for x in jax.tree.leaves(g)]
+        return [t + s for t, s in zip(total, sq, strict=True)], None
 
     parts = jax.tree.map(lambda a: a.reshape(-1, chunk, *a.shape[1:]), batch)
-    init = [jnp.zeros((), jnp.float32) for _ in jax.tree.leaves(params)]
+    init = [jnp.zeros(leaf.shape, jnp.float32) for leaf in jax.tree.leaves(params)]
     total, _ = jax.lax.scan(body, init, parts)
     return total
 

@@ -37,6 +37,7 @@ from typing import Any
 
 import optax
 
+from admmprune.admm import METRICS
 from admmprune.budgets import ParamBudget
 
 METHODS = ("admm", "magnitude", "iterative_magnitude", "projected_sgd", "oneshot")
@@ -127,7 +128,8 @@ SCHEMA: dict[str, dict[str, _Key]] = {
         "iterations": _k(int, 60, minimum=0, methods=("admm",)),
         "epochs_per_iteration": _k(int, 1, minimum=1, methods=("admm",)),
         "tol": _k(_NUMBER, 0.0, minimum=0, methods=("admm",)),  # 0 = run all iterations
-        "metric": _k(str, "euclidean", choices=("euclidean", "fisher"), methods=("admm",)),
+        "metric": _k(str, "euclidean", choices=METRICS, methods=("admm",)),
+        "decay_iterations": _k(int, 0, minimum=0, methods=("admm",)),
         "retrain_epochs": _k(
             int, 20, minimum=0, methods=("admm", "magnitude", "projected_sgd", "oneshot")
         ),  # oneshot: 0 unless given

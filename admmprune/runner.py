@@ -174,6 +174,7 @@ def make_solver(
             retrain_optimizer=retrain,
             batch_size=s["batch_size"],
             metric=s["metric"],
+            decay_iterations=s["decay_iterations"],
             compensate=_compensator(recipe, train),
         )
     if recipe.method == "magnitude":
@@ -276,7 +277,8 @@ def solve(
                     f"{ckpt} was written by a different recipe (or other settings); "
                     "drop --resume to start afresh, or use another --out directory."
                 )
-            extra["state"] = load_checkpoint(ckpt, solver.init(params, key))
+            like = solver.init(params, key, solver.metric_like(params))
+            extra["state"] = load_checkpoint(ckpt, like)
             extra["history"] = meta["history"]
             resumed_from = int(extra["state"].iteration)
 

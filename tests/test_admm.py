@@ -291,3 +291,91 @@ def test_checkpoint_rejects_a_mismatched_template(tmp_path):
         load_checkpoint(tmp_path / "c.npz", {"a": np.zeros((3, 2)), "b": np.ones(4)})
     with pytest.raises(ValueError, match="same model, budget and optimizer"):
         load_checkpoint(tmp_path / "c.npz", {"a": np.zeros((2, 3))})
+
+
+@pytest.mark.parametrize("metric", ["fisher", "diag_fisher"])
+def test_fisher_metric_matches_per_example_gradients(metric):
+    """d against the oracle: per-example gradients one at a time, squared and averaged."""
+    data, _ = _sparse_least_squares(0, n=64, d=12)
+    params = {"w": jnp.asarray(np.random.default_rng(1).standard_normal((12, 1)), jnp.float32)}
+    solver = ADMM(ParamBudget(count=4), optax.sgd(0.1), metric=metric, metric_examples=64)
+    d = solver.fisher_metric(params, _ls_loss, data, jax.random.key(0))["w"]
+    x, y = (np.asarray(a, np.float64) for a in data)
+    w = np.asarray(params["w"][:, 0], np.float64)
+    grads = 0.5 * 2 * (x @ w - y)[:, None] * x  # d/dw of 0.5 (x.w - y)^2, one row per example
+    fisher = np.mean(grads**2, axis=0)
+    want = np.full(12, fisher.mean()) if metric == "fisher" else fisher + 0.01 * fisher.mean()
+    np.testing.assert_allclose(np.broadcast_to(d, (12, 1))[:, 0], want / want.mean(), rtol=1e-4)
+
+
+def test_diag_fisher_projection_keeps_the_largest_saliency():
+    """With a per-weight metric the Z-step keeps the top-k of d_i w_i^2 (OBD), not of |w_i|."""
+    w = jnp.asarray([[3.0], [2.0], [1.0], [0.5]])
+    d = {"w": jnp.asarray([[0.01], [1.0], [4.5], [64.0]])}  # saliencies 0.09, 4, 4.5, 16
+    solver = ADMM(ParamBudget(count=2), optax.sgd(0.1), metric="diag_fisher")
+    state = solver.init({"w": w}, jax.random.key(0), d)
+    assert np.flatnonzero(np.asarray(state.z["w"][:, 0])).tolist() == [2, 3]
+    _, masks = solver.hard_prune(state)
+    assert np.asarray(masks["w"][:, 0]).tolist() == [False, False, True, True]
+
+
+@pytest.mark.parametrize("metric", ["fisher", "diag_fisher"])
+def test_a_run_in_a_fisher_metric_resumes_from_its_checkpoint(tmp_path, metric):
+    """The checkpoint carries the metric d; ``metric_like`` gives load_checkpoint its shape."""
+    data, _ = _sparse_least_squares(seed=3)
+    solver = ADMM(
+        ParamBudget(count=5),
+        optax.adam(1e-2),
+        rho=1e-2,
+        iterations=4,
+        retrain_epochs=1,
+        batch_size=10,
+        metric=metric,
+        metric_examples=40,
+    )
+    saved = {}
+
+    def keep_second(state, history):
+        if int(state.iteration) == 2:
+            save_checkpoint(tmp_path / "admm.npz", state)
+            saved["history"] = list(history)
+
+    start = _dense_start(data)
+    full = solver.run(start, _ls_loss, data, key=jax.random.key(7), on_iteration=keep_second)
+    like = solver.init(start, jax.random.key(0), solver.metric_like(start))
+    state = load_checkpoint(tmp_path / "admm.npz", like)
+    np.testing.assert_array_equal(np.asarray(state.metric["w"]), np.asarray(full.state.metric["w"]))
+    resumed = solver.run(
+        None, _ls_loss, data, key=jax.random.key(7), state=state, history=saved["history"]
+    )
+    np.testing.assert_array_equal(np.asarray(full.params["w"]), np.asarray(resumed.params["w"]))
+
+
+def test_progressive_admm_moves_the_budget_from_dense_to_the_target():
+    data, _ = _sparse_least_squares(seed=4)
+    solver = ADMM(
+        ParamBudget(count=5),
+        optax.adam(1e-2),
+        rho=1e-2,
+        rho_growth=1.2,
+        iterations=6,
+        retrain_epochs=0,
+        batch_size=10,
+        decay_iterations=4,
+    )
+    start = _dense_start(data)
+    state = solver.init(start, jax.random.key(0))
+    np.testing.assert_array_equal(np.asarray(state.z["w"]), np.asarray(start["w"]))  # t = 0
+    counts, progress = [], []
+    for _ in range(6):
+        state, record = solver.update(state, _ls_loss, data)
+        counts.append(int(np.count_nonzero(np.asarray(state.z["w"]))))
+        progress.append(record["budget_progress"])
+    # ParamBudget.relax: kept count geometric from 80 to 5.
+    want = [round(80 * (5 / 80) ** t) for t in (0.25, 0.5, 0.75)]
+    assert progress == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert counts[:3] == pytest.approx(want, abs=1) and counts[3:] == [5, 5, 5]
+    result = solver.run(start, _ls_loss, data, key=jax.random.key(0))
+    assert int(np.count_nonzero(np.asarray(result.params["w"]))) == 5
+    with pytest.raises(ValueError, match="decay_iterations"):
+        ADMM(ParamBudget(count=5), optax.sgd(0.1), decay_iterations=-1)
