@@ -18,7 +18,7 @@ ADMM's hard prune the same compensation.
 from admmprune._tree import apply_masks, default_prunable, leaf_names
 from admmprune.admm import ADMM, AdmmState
 from admmprune.baselines import IterativeMagnitudePrune, MagnitudePrune, ProjectedSGD
-from admmprune.budgets import Budget, BudgetError, ParamBudget
+from admmprune.budgets import Budget, BudgetError, LayerAllocation, ParamBudget
 from admmprune.checkpoint import load_checkpoint, load_params, save_checkpoint, save_params
 from admmprune.energy import (
     AcceleratorEnergy,
@@ -28,7 +28,7 @@ from admmprune.energy import (
     layer_shapes,
 )
 from admmprune.knapsack import KnapsackStats, exact_knapsack, greedy_knapsack
-from admmprune.oneshot import OneShotPrune
+from admmprune.oneshot import OneShotPrune, obs_allocation
 from admmprune.projections import project
 from admmprune.results import LayerStats, PruneResult
 from admmprune.training import train
@@ -45,6 +45,7 @@ __all__ = [
     "EnergyBudget",
     "IterativeMagnitudePrune",
     "KnapsackStats",
+    "LayerAllocation",
     "LayerStats",
     "LinearEnergy",
     "MagnitudePrune",
@@ -60,6 +61,7 @@ __all__ = [
     "leaf_names",
     "load_checkpoint",
     "load_params",
+    "obs_allocation",
     "project",
     "save_checkpoint",
     "save_params",

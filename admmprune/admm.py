@@ -136,6 +136,12 @@ class ADMM:
             from the first Z-step. The hard prune always uses the target.
         metric_damp: the damping of ``"diag_fisher"``, a fraction of each
             layer's mean Fisher diagonal.
+        allocate: optional ``allocate(params) -> Budget``, called once with
+            the dense params at the start of :meth:`run` (also when
+            resuming: pass the dense params then too); the run then uses the
+            budget it returns, a subset of ``budget`` -- e.g.
+            :func:`admmprune.oneshot.obs_allocation`, per-layer counts from
+            OBS loss curves.
     """
 
     budget: Budget
@@ -154,6 +160,7 @@ class ADMM:
     metric_examples: int = 1024
     metric_damp: float = 0.01
     decay_iterations: int = 0
+    allocate: Callable[[PyTree], Budget] | None = None
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
@@ -370,7 +377,7 @@ class ADMM:
                 hard prune and after every retraining epoch.
             callback: called with every new history record as it is made.
             state: an :class:`AdmmState` to resume from (e.g. a checkpoint);
-                ``params`` is then ignored.
+                ``params`` is then ignored (but for ``allocate``).
             history: with ``state``, the records of the iterations already
                 run (they carry the residuals the ``tol`` test needs).
             on_iteration: called with the state and the history after every
@@ -379,6 +386,17 @@ class ADMM:
         Returns:
             A :class:`PruneResult`; ``state`` holds the final ADMM state.
         """
+        if self.allocate is not None:
+            if params is None:
+                raise ValueError(
+                    "ADMM(allocate=...) computes its budget from the dense params: pass them "
+                    "to run(), also when resuming from a state."
+                )
+            solver = dataclasses.replace(self, budget=self.allocate(params), allocate=None)
+            return solver.run(
+                params, loss_fn, data, key=key, eval_fn=eval_fn, callback=callback,
+                state=state, history=history, on_iteration=on_iteration,
+            )  # fmt: skip
         start = time.perf_counter()
         check_batch_size(data, self.batch_size)
         history = list(history or [])

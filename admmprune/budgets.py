@@ -264,6 +264,49 @@ class ParamBudget:
         return out
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerAllocation:
+    """A budget S narrowed to fixed per-layer kept counts chosen inside it.
+
+    The set ``{W : ||W_l||_0 <= k_l for every layer l}`` lies inside S when
+    the counts were chosen to fit S (e.g. by :func:`admmprune.oneshot.allocate`
+    over the layers' OBS loss curves, each count priced by the budget's own
+    energy model), so every point of it meets the budget; its Euclidean
+    projection is exact (top-k within each layer). Prunable leaves, energy
+    figures and the report's description come from ``parent``; the
+    description adds ``allocation`` (the counts).
+
+    Example:
+        >>> LayerAllocation(EnergyBudget(model, fraction=0.08),
+        ...                 (("conv1/kernel", 264), ("fc1/kernel", 5700)))
+    """
+
+    parent: Any
+    counts: tuple[tuple[str, int], ...]
+    progress: float = 1.0
+
+    def _inner(self) -> ParamBudget:
+        return ParamBudget(per_layer=self.counts, progress=self.progress)
+
+    def prunable(self, params: PyTree) -> list[bool]:
+        return self.parent.prunable(params)
+
+    def mask(self, params: PyTree) -> PyTree:
+        """Top ``k_l`` magnitudes in every named layer; other leaves all True."""
+        return self._inner().mask(params)
+
+    def relax(self, t: float) -> LayerAllocation:
+        """Every layer's count moved geometrically from dense (0) to ``k_l`` (1)."""
+        return dataclasses.replace(self, progress=float(t))
+
+    def metrics(self, params: PyTree) -> dict[str, float]:
+        """The parent's figures for ``params`` (e.g. energy), if it has any."""
+        return self.parent.metrics(params) if hasattr(self.parent, "metrics") else {}
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.parent.describe(), "allocation": dict(self.counts)}
+
+
 def _is_fraction(v: Any) -> bool:
     return isinstance(v, float | np.floating)
 

@@ -38,7 +38,7 @@ import optax
 from admmprune import obs
 from admmprune._tree import PyTree, apply_masks, leaf_names
 from admmprune.admm import Callback, EvalFn
-from admmprune.budgets import Budget, BudgetError, ParamBudget
+from admmprune.budgets import Budget, BudgetError, LayerAllocation, ParamBudget
 from admmprune.results import PruneResult, finish, with_eval
 from admmprune.training import LossFn, check_batch_size, train
 
@@ -113,6 +113,45 @@ def allocate(
             counts[n] = float(lo)
             break
     return {n: round(k) for n, k in counts.items()}
+
+
+def obs_allocation(
+    budget: Budget,
+    model: Any,
+    x: jax.Array,
+    *,
+    method: str = "exact_obs",
+    damp: float = 0.01,
+    block: int = 128,
+    curve_points: int = 40,
+) -> Callable[[PyTree], LayerAllocation]:
+    """``allocate(params)``: ``budget`` narrowed to per-layer counts from OBS loss curves.
+
+    For :class:`admmprune.ADMM`'s ``allocate=``: the counts minimize the
+    summed relative OBS reconstruction error of the layers at ``params``
+    (the dense network) on the calibration inputs ``x`` under the budget
+    (:func:`allocate`; energy budgets price each count in their own model),
+    and ADMM's Z-step then projects onto those counts. Where the Euclidean
+    energy knapsack ranks weights by ``v^2 / c`` across layers -- and so
+    starves a layer whose weights are few, costly and sensitive -- the
+    curves measure what each layer's cut does to its output.
+    """
+    pruner = OneShotPrune(
+        budget=budget,
+        model=model,
+        method=method,
+        allocation="obs",
+        calibration_examples=int(x.shape[0]),
+        damp=damp,
+        block=block,
+        curve_points=curve_points,
+    )
+
+    def allocate_counts(params: PyTree) -> LayerAllocation:
+        counts = pruner.counts(params, x)
+        return LayerAllocation(budget, tuple(sorted((n, int(k)) for n, k in counts.items())))
+
+    return allocate_counts
 
 
 def count_grid(size: int, points: int = 40, smallest: float = 1e-3) -> np.ndarray:

@@ -137,9 +137,11 @@ SCHEMA: dict[str, dict[str, _Key]] = {
         "calibration_examples": _k(int, 4096, minimum=1, methods=("admm", "oneshot")),
         "damp": _k(_NUMBER, 0.01, minimum=0, methods=("admm", "oneshot")),
         "pruner": _k(str, "exact_obs", choices=PRUNERS, methods=("oneshot",)),
-        "layer_allocation": _k(str, "budget", choices=("budget", "obs"), methods=("oneshot",)),
+        "layer_allocation": _k(
+            str, "budget", choices=("budget", "obs"), methods=("oneshot", "admm")
+        ),
         "block": _k(int, 128, minimum=1, methods=("oneshot",)),
-        "curve_points": _k(int, 40, minimum=2, methods=("oneshot",)),
+        "curve_points": _k(int, 40, minimum=2, methods=("oneshot", "admm")),
         "fisher_examples": _k(int, 1024, minimum=1, methods=("oneshot",)),
         "fisher_block": _k(int, 128, minimum=1, methods=("oneshot",)),
         "fisher_damp": _k(_NUMBER, 1e-3, minimum=0, positive=True, methods=("oneshot",)),

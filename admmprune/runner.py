@@ -175,6 +175,7 @@ def make_solver(
             batch_size=s["batch_size"],
             metric=s["metric"],
             decay_iterations=s["decay_iterations"],
+            allocate=_allocator(recipe, budget, train),
             compensate=_compensator(recipe, train),
         )
     if recipe.method == "magnitude":
@@ -190,6 +191,25 @@ def make_solver(
         rounds=s["rounds"],
         epochs_per_round=s["epochs_per_round"],
         batch_size=s["batch_size"],
+    )
+
+
+def _allocator(recipe: Recipe, budget: Any, train: tuple[jax.Array, jax.Array] | None) -> Any:
+    """ADMM's ``allocate``: per-layer counts from OBS curves (``layer_allocation = "obs"``)."""
+    if recipe.solver["layer_allocation"] != "obs" or train is None:
+        return None
+    from flax import nnx
+
+    from admmprune.models import MODELS
+    from admmprune.oneshot import obs_allocation
+
+    model = MODELS[recipe.problem["model"]](nnx.Rngs(recipe.problem["seed"]))
+    return obs_allocation(
+        budget,
+        model,
+        calibration_set(recipe, train),
+        damp=recipe.solver["damp"],
+        curve_points=recipe.solver["curve_points"],
     )
 
 

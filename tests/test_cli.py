@@ -286,3 +286,18 @@ def test_admm_obs_hard_prune_records_both_accuracies(tmp_path):
     prune = next(r for r in report["history"] if r["phase"] == "prune")
     assert {"zeroed_accuracy", "accuracy"} <= set(prune)
     assert report["nonzero_weights"] <= round(0.05 * 266_200)
+
+
+def test_admm_energy_recipe_with_an_obs_layer_allocation(tmp_path):
+    """``layer_allocation = "obs"`` in an ADMM recipe: the report's budget is the energy
+    budget plus the counts, every layer keeps exactly its count, the energy budget holds."""
+    text = TINY.replace("keep = 0.05", "energy_fraction = 0.1").replace(
+        "iterations = 2",
+        'iterations = 2\nlayer_allocation = "obs"\ncurve_points = 8\ncalibration_examples = 256',
+    )
+    report = solve(load_recipe(_recipe(tmp_path, text)), tmp_path / "o", plots=False)
+    counts = report["budget"]["allocation"]
+    assert report["budget"]["type"] == "energy"
+    assert report["budget"]["fraction"] == pytest.approx(0.1)
+    assert {x["name"]: x["nonzero"] for x in report["per_layer"]} == counts
+    assert report["energy"]["fraction"] <= 0.1 * (1 + 1e-9)
