@@ -130,7 +130,8 @@ class ADMM:
             (1-based) projects onto ``budget.relax(min(1, k /
             decay_iterations))``, a budget moved from dense to the target
             over that many iterations (geometrically; see the budget's
-            ``relax``), so W is pulled toward a sparse set gradually and the
+            ``relax``; a layer or group whose target is 0 weights is emptied
+            at once), so W is pulled toward a sparse set gradually and the
             loss, through the W-steps and the dual, has time to decide which
             weights survive before the full cut. 0 (default): the target
             from the first Z-step. The hard prune always uses the target.
@@ -181,6 +182,12 @@ class ADMM:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {v!r}.")
+        if self.decay_iterations > self.iterations:
+            raise ValueError(
+                f"decay_iterations={self.decay_iterations} exceeds iterations={self.iterations}: "
+                "the Z-step would never reach the target before the hard prune; use at most "
+                f"{self.iterations}."
+            )
         if self.tol is not None and self.tol <= 0:
             raise ValueError(f"tol must be positive or None, got {self.tol}.")
 
@@ -275,7 +282,9 @@ class ADMM:
             The new state and the iteration's record: ``loss`` (mean training
             loss over the W-step), ``primal_residual`` ``||W - Z||``,
             ``dual_residual`` ``rho ||Z - Z_prev||``, their values relative to
-            ``||W||``, ``rho`` (the penalty used) and ``support_change``
+            ``||W||``, ``rho`` (the penalty used), ``budget_progress`` (the
+            Z-step budget's progress to the target, 1 without
+            ``decay_iterations``) and ``support_change``
             (the fraction of prunable weights whose membership in Z's support
             changed). A budget with ``metrics`` adds its figures for Z (an
             :class:`~admmprune.energy.EnergyBudget`: ``energy`` and
@@ -341,9 +350,11 @@ class ADMM:
         return apply_masks(state.params, masks), masks
 
     def converged(self, record: Mapping[str, Any]) -> bool:
-        """Whether an iteration's relative residuals are both below ``tol``."""
+        """Whether an iteration's relative residuals are both below ``tol`` (and its
+        Z-step used the target budget: a decaying budget keeps Z near W)."""
         return (
             self.tol is not None
+            and record.get("budget_progress", 1.0) >= 1.0  # not while the budget still decays
             and record["primal_relative"] <= self.tol
             and record["dual_relative"] <= self.tol
         )
@@ -392,11 +403,14 @@ class ADMM:
                     "ADMM(allocate=...) computes its budget from the dense params: pass them "
                     "to run(), also when resuming from a state."
                 )
+            begin = time.perf_counter()
             solver = dataclasses.replace(self, budget=self.allocate(params), allocate=None)
-            return solver.run(
+            result = solver.run(
                 params, loss_fn, data, key=key, eval_fn=eval_fn, callback=callback,
                 state=state, history=history, on_iteration=on_iteration,
             )  # fmt: skip
+            # The allocation is part of the solver's cost (the OBS curves, the MILP).
+            return dataclasses.replace(result, wall_seconds=time.perf_counter() - begin)
         start = time.perf_counter()
         check_batch_size(data, self.batch_size)
         history = list(history or [])

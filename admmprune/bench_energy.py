@@ -21,7 +21,7 @@ is 5.86%) and each seed, at equal epochs:
 The ADMM variants end within about a tenth of a point of each other, the
 spread between runs, so the accuracy target compares means over seeds, the
 tables give each other method's error minus energy ADMM's, paired by seed,
-and the final training loss, the objective all of them minimize under the
+and (with seeds) the final training loss, the objective all of them minimize under the
 same constraint. Then the projection on its own: the greedy knapsack against a
 plain top-k of the same size (10^6 and 10^7 weights), and the greedy's gap
 to the exact optimum (HiGHS MILP) over random small instances.
@@ -331,7 +331,8 @@ def _row(report: dict[str, Any], recipe: str, method: str | None = None) -> dict
         # The objective the solvers minimize, under the same constraint: the mean
         # training loss of the last retraining epoch.
         "train_loss": retrain[-1]["loss"] if retrain else None,
-        "allocation": report["budget"].get("allocation"),
+        # Per-layer counts of a LayerAllocation (a parameter budget's is a word).
+        "allocation": a if isinstance(a := report["budget"].get("allocation"), dict) else None,
     }
 
 

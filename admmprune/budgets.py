@@ -286,7 +286,12 @@ class LayerAllocation:
     progress: float = 1.0
 
     def _inner(self) -> ParamBudget:
-        return ParamBudget(per_layer=self.counts, progress=self.progress)
+        named = {n for n, _ in self.counts}
+        return ParamBudget(
+            per_layer=self.counts,
+            progress=self.progress,
+            prunable_filter=lambda name, _leaf: name in named,  # exactly the counted leaves
+        )
 
     def prunable(self, params: PyTree) -> list[bool]:
         return self.parent.prunable(params)

@@ -247,6 +247,8 @@ class Recipe:
                 "solver.iterations": f(s["iterations"]),
                 "solver.retrain_epochs": f(s["retrain_epochs"]),
             }
+            if s["decay_iterations"]:
+                out["solver.decay_iterations"] = min(f(s["decay_iterations"]), f(s["iterations"]))
         elif self.method == "magnitude":
             out |= {"solver.retrain_epochs": f(s["retrain_epochs"])}
         elif self.method == "oneshot":

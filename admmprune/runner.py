@@ -239,6 +239,16 @@ def validate(recipe: Recipe) -> None:
         budget.resolve(params)
     else:
         budget.project_with_stats(params)  # names and sizes agree with the network
+    if (
+        recipe.method in ("admm", "oneshot")
+        and recipe.solver["layer_allocation"] == "obs"
+        and isinstance(budget, admmprune.ParamBudget)
+        and (budget.per_layer is not None or budget.allocation != "global")
+    ):
+        raise RecipeError(
+            'solver.layer_allocation = "obs" divides one global budget among the layers; '
+            "give [budget] keep= or count= (allocation global) or an energy budget, or drop it."
+        )
     try:
         make_solver(recipe, steps_per_epoch=1)
     except ValueError as e:

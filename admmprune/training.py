@@ -75,7 +75,7 @@ def _scan_steps(
 
     def touch_grads(grads: PyTree, params: PyTree) -> PyTree:
         if kind == "admm":
-            z, u, rho, *metric = aux  # metric: optional per-leaf penalty weights d_l
+            z, u, rho, *metric = aux  # metric: optional penalty weights d (per leaf or per weight)
             g, w, zz, uu = (treedef.flatten_up_to(t) for t in (grads, params, z, u))
             d = treedef.flatten_up_to(metric[0]) if metric else [None] * len(g)
             out = [
@@ -202,7 +202,7 @@ def run_epoch(
         optimizer: any ``optax.GradientTransformation``.
         batch_size: examples per step.
         kind: ``"plain"``, ``"admm"`` (``aux = (Z, U, rho)`` or
-            ``(Z, U, rho, D)`` with D per-leaf penalty weights, ``flags`` the
+            ``(Z, U, rho, D)`` with D penalty weights (per leaf or per weight), ``flags`` the
             prunable leaves) or ``"masked"`` (``aux`` the boolean masks).
 
     Returns:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import jax
@@ -379,3 +380,30 @@ def test_progressive_admm_moves_the_budget_from_dense_to_the_target():
     assert int(np.count_nonzero(np.asarray(result.params["w"]))) == 5
     with pytest.raises(ValueError, match="decay_iterations"):
         ADMM(ParamBudget(count=5), optax.sgd(0.1), decay_iterations=-1)
+
+
+def test_a_decaying_budget_is_not_mistaken_for_convergence():
+    """While the Z-step budget decays Z stays near W, so the residuals are small; ``tol``
+    must not stop the run (and skip to the hard prune) before the target is reached."""
+    data, _ = _sparse_least_squares(seed=5)
+    solver = ADMM(
+        ParamBudget(count=5), optax.adam(1e-2), rho=1e-2, iterations=8, retrain_epochs=0,
+        batch_size=10, decay_iterations=5, tol=10.0,  # any residual passes the test
+    )  # fmt: skip
+    result = solver.run(_dense_start(data), _ls_loss, data, key=jax.random.key(0))
+    records = result.records("admm")
+    assert len(records) == 5 and records[-1]["budget_progress"] == 1.0
+    assert result.converged is True
+    with pytest.raises(ValueError, match="decay_iterations=9 exceeds iterations=8"):
+        dataclasses.replace(solver, decay_iterations=9)
+
+
+def test_quick_recipes_scale_the_budget_decay_with_the_iterations():
+    from pathlib import Path
+
+    from admmprune.recipes import load_recipe
+
+    recipe = load_recipe(Path(__file__).parents[1] / "solvers" / "lenet5_energy_12pct.toml")
+    decaying = recipe.with_overrides({"solver.decay_iterations": 10}).scaled(0.2)
+    assert decaying.solver["iterations"] == 3 and decaying.solver["decay_iterations"] == 2
+    assert recipe.scaled(0.2).solver["decay_iterations"] == 0

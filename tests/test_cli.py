@@ -104,8 +104,23 @@ class _InterruptError(Exception):
     pass
 
 
-def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, capsys):
-    recipe = load_recipe(_recipe(tmp_path, TINY.replace("iterations = 2", "iterations = 3")))
+@pytest.mark.parametrize(
+    "extra",
+    [
+        "",
+        'metric = "fisher"',
+        'metric = "diag_fisher"',
+        'layer_allocation = "obs"\ncurve_points = 6',
+    ],
+    ids=["euclidean", "fisher", "diag_fisher", "obs_allocation"],
+)
+def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, capsys, extra):
+    """Also with a Fisher metric in the checkpointed state, and with an allocation that is
+    recomputed from the dense params on resume."""
+    text = TINY.replace("iterations = 2", "iterations = 3\n" + extra)
+    if "layer_allocation" in extra:
+        text = text.replace("keep = 0.05", "energy_fraction = 0.1")
+    recipe = load_recipe(_recipe(tmp_path, text))
     full = solve(recipe, tmp_path / "full", plots=False)
 
     def stop_at_second_iteration(record):
@@ -124,6 +139,8 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, capsys
     b = load_params(tmp_path / "cut" / "params.npz", like)
     for name in a:
         np.testing.assert_array_equal(np.asarray(a[name]["kernel"]), np.asarray(b[name]["kernel"]))
+    if extra:
+        return
     # A changed recipe must not pick up this checkpoint.
     other = _recipe(tmp_path, TINY.replace("iterations = 2", "iterations = 4"), name="other")
     args = ["solve", str(other), "--out", str(tmp_path / "cut"), "--resume", "--quiet"]
@@ -161,6 +178,18 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, capsys
         (("iterations = 2", "iterations = 2\nproject_every = 3"), "solver.project_every: not"),
         (("iterations = 2", 'iterations = 2\nhard_prune = "obc"'), "solver.hard_prune: 'obc'"),
         (('method = "admm"', 'method = "oneshot"\npruner = "obc"'), "solver.pruner: 'obc'"),
+        (
+            (
+                'keep = 0.05\n\n[solver]\nmethod = "admm"\niterations = 2',
+                'keep = 0.05\nallocation = "uniform"\n\n[solver]\nmethod = "admm"\n'
+                'iterations = 2\nlayer_allocation = "obs"',
+            ),
+            'layer_allocation = "obs" divides one global budget',
+        ),
+        (
+            ("iterations = 2", "iterations = 2\ndecay_iterations = 3"),
+            "decay_iterations=3 exceeds iterations=2",
+        ),
         (
             (
                 'keep = 0.05\n\n[solver]\nmethod = "admm"\niterations = 2',
