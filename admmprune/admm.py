@@ -196,11 +196,17 @@ class ADMM:
         """Total training epochs: W-steps plus retraining (at most; tol may stop early)."""
         return self.iterations * self.epochs_per_iteration + self.retrain_epochs
 
+    def progress_at(self, iteration: int) -> float:
+        """How far the Z-step budget of iteration ``iteration`` (0-based) is moved
+        from dense (0) to the target (1); always 1 without ``decay_iterations``."""
+        if self.decay_iterations == 0:
+            return 1.0
+        return min(1.0, (iteration + 1) / self.decay_iterations)
+
     def budget_at(self, iteration: int) -> Budget:
         """The budget of the Z-step of iteration ``iteration`` (0-based)."""
-        if self.decay_iterations == 0 or iteration + 1 >= self.decay_iterations:
-            return self.budget
-        return self.budget.relax((iteration + 1) / self.decay_iterations)
+        t = self.progress_at(iteration)
+        return self.budget if t >= 1.0 else self.budget.relax(t)
 
     def rho_at(self, iteration: int) -> float:
         """The penalty used in iteration ``iteration`` (0-based)."""
@@ -336,9 +342,7 @@ class ADMM:
             "iteration": it + 1,
             "loss": sum(losses) / max(len(losses), 1),
             "rho": float(rho),
-            "budget_progress": min(1.0, (it + 1) / self.decay_iterations)
-            if self.decay_iterations
-            else 1.0,
+            "budget_progress": self.progress_at(it),
             **{k: float(v) for k, v in figures.items()},
             "seconds": seconds,  # the W-step epochs of this iteration
         }

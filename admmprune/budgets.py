@@ -160,6 +160,12 @@ class ParamBudget:
             )
             object.__setattr__(self, "per_layer", tuple(sorted(items)))
 
+    @property
+    def is_global(self) -> bool:
+        """Whether this is one top-k over all prunable leaves (``keep=``/``count=``,
+        ``allocation="global"``), the budget a layer allocation may divide."""
+        return self.per_layer is None and self.allocation == "global"
+
     # ------------------------------------------------------------------ resolve
     def prunable(self, params: PyTree) -> list[bool]:
         """Which leaves (in ``jax.tree.leaves`` order) this budget may prune.

@@ -276,7 +276,7 @@ class OneShotPrune:
         self, params: PyTree, names: list[str], flags: list[bool]
     ) -> tuple[Callable[[str, float], float], float]:
         if isinstance(self.budget, ParamBudget):
-            if self.budget.per_layer is not None or self.budget.allocation != "global":
+            if not self.budget.is_global:
                 raise ValueError(
                     "allocation='obs' divides one global budget among the layers; give "
                     "ParamBudget(keep=...) or (count=...) with allocation='global'."
@@ -312,7 +312,7 @@ class OneShotPrune:
         history: list[dict[str, Any]] = []
         if self.method == "global_obs":
             flags = self.budget.prunable(params)
-            if self.budget.allocation != "global" or self.budget.per_layer is not None:
+            if not self.budget.is_global:
                 raise ValueError(
                     "global_obs chooses the allocation itself: use allocation='global'."
                 )

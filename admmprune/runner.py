@@ -114,15 +114,12 @@ def make_solver(
     s = recipe.solver
     budget = recipe.budget_object()
     if recipe.method == "oneshot":
-        from flax import nnx
-
-        from admmprune.models import MODELS
         from admmprune.oneshot import OneShotPrune
 
         retrain = s["retrain_epochs"]
         return OneShotPrune(
             budget=budget,
-            model=MODELS[recipe.problem["model"]](nnx.Rngs(recipe.problem["seed"])),
+            model=_network(recipe),
             method=s["pruner"],
             allocation=s["layer_allocation"],
             calibration_examples=s["calibration_examples"],
@@ -198,15 +195,11 @@ def _allocator(recipe: Recipe, budget: Any, train: tuple[jax.Array, jax.Array] |
     """ADMM's ``allocate``: per-layer counts from OBS curves (``layer_allocation = "obs"``)."""
     if recipe.solver["layer_allocation"] != "obs" or train is None:
         return None
-    from flax import nnx
-
-    from admmprune.models import MODELS
     from admmprune.oneshot import obs_allocation
 
-    model = MODELS[recipe.problem["model"]](nnx.Rngs(recipe.problem["seed"]))
     return obs_allocation(
         budget,
-        model,
+        _network(recipe),
         calibration_set(recipe, train),
         damp=recipe.solver["damp"],
         curve_points=recipe.solver["curve_points"],
@@ -216,13 +209,18 @@ def _allocator(recipe: Recipe, budget: Any, train: tuple[jax.Array, jax.Array] |
 def _compensator(recipe: Recipe, train: tuple[jax.Array, jax.Array] | None) -> Any:
     if recipe.solver["hard_prune"] != "obs" or train is None:
         return None
+    from admmprune.obs import compensator
+
+    return compensator(_network(recipe), calibration_set(recipe, train), damp=recipe.solver["damp"])
+
+
+def _network(recipe: Recipe) -> Any:
+    """The recipe's nnx model (its layer shapes and call order, for calibration inputs)."""
     from flax import nnx
 
     from admmprune.models import MODELS
-    from admmprune.obs import compensator
 
-    model = MODELS[recipe.problem["model"]](nnx.Rngs(recipe.problem["seed"]))
-    return compensator(model, calibration_set(recipe, train), damp=recipe.solver["damp"])
+    return MODELS[recipe.problem["model"]](nnx.Rngs(recipe.problem["seed"]))
 
 
 def validate(recipe: Recipe) -> None:
@@ -243,7 +241,7 @@ def validate(recipe: Recipe) -> None:
         recipe.method in ("admm", "oneshot")
         and recipe.solver["layer_allocation"] == "obs"
         and isinstance(budget, admmprune.ParamBudget)
-        and (budget.per_layer is not None or budget.allocation != "global")
+        and not budget.is_global
     ):
         raise RecipeError(
             'solver.layer_allocation = "obs" divides one global budget among the layers; '

@@ -131,7 +131,7 @@ def test_tolerance_stops_early_and_reports_convergence():
     assert max(before["primal_relative"], before["dual_relative"]) > 1e-3
 
 
-def test_resume_from_a_checkpointed_state_is_deterministic(tmp_path):
+def test_resume_from_a_checkpointed_state_is_deterministic(checkpoint_at):
     data, _ = _sparse_least_squares(seed=3)
     solver = ADMM(
         budget=ParamBudget(count=5),
@@ -142,18 +142,11 @@ def test_resume_from_a_checkpointed_state_is_deterministic(tmp_path):
         retrain_epochs=2,
         batch_size=10,
     )
-
-    saved = {}
-
-    def keep_third(state, history):
-        if int(state.iteration) == 3:
-            save_checkpoint(tmp_path / "admm.npz", state)
-            saved["history"] = list(history)
-
+    keep_third, saved = checkpoint_at(3)
     start = _dense_start(data)
     full = solver.run(start, _ls_loss, data, key=jax.random.key(7), on_iteration=keep_third)
     like = solver.init(start, jax.random.key(0))
-    state = load_checkpoint(tmp_path / "admm.npz", like)
+    state = load_checkpoint(saved["path"], like)
     assert int(state.iteration) == 3
     resumed = solver.run(
         None, _ls_loss, data, key=jax.random.key(7), state=state, history=saved["history"]
@@ -321,7 +314,7 @@ def test_diag_fisher_projection_keeps_the_largest_saliency():
 
 
 @pytest.mark.parametrize("metric", ["fisher", "diag_fisher"])
-def test_a_run_in_a_fisher_metric_resumes_from_its_checkpoint(tmp_path, metric):
+def test_a_run_in_a_fisher_metric_resumes_from_its_checkpoint(checkpoint_at, metric):
     """The checkpoint carries the metric d; ``metric_like`` gives load_checkpoint its shape."""
     data, _ = _sparse_least_squares(seed=3)
     solver = ADMM(
@@ -334,17 +327,11 @@ def test_a_run_in_a_fisher_metric_resumes_from_its_checkpoint(tmp_path, metric):
         metric=metric,
         metric_examples=40,
     )
-    saved = {}
-
-    def keep_second(state, history):
-        if int(state.iteration) == 2:
-            save_checkpoint(tmp_path / "admm.npz", state)
-            saved["history"] = list(history)
-
+    keep_second, saved = checkpoint_at(2)
     start = _dense_start(data)
     full = solver.run(start, _ls_loss, data, key=jax.random.key(7), on_iteration=keep_second)
     like = solver.init(start, jax.random.key(0), solver.metric_like(start))
-    state = load_checkpoint(tmp_path / "admm.npz", like)
+    state = load_checkpoint(saved["path"], like)
     np.testing.assert_array_equal(np.asarray(state.metric["w"]), np.asarray(full.state.metric["w"]))
     resumed = solver.run(
         None, _ls_loss, data, key=jax.random.key(7), state=state, history=saved["history"]

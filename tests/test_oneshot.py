@@ -138,14 +138,20 @@ def test_allocation_meets_a_global_parameter_budget_exactly(trained):
     assert int(sum(int(m.sum()) for m in jax.tree.leaves(res.masks) if m.ndim > 1)) == 150
 
 
+def _mlp_energy() -> LinearEnergy:
+    """A linear energy model of the test MLP: fc3's weights cost most, fc2's least."""
+    return LinearEnergy(
+        (
+            LayerCost("fc1/kernel", 50.0, 3.0, 3.0, 0.0, 16 * 24),
+            LayerCost("fc2/kernel", 20.0, 1.0, 1.0, 0.0, 24 * 12),
+            LayerCost("fc3/kernel", 5.0, 10.0, 10.0, 0.0, 12 * 4),
+        )
+    )
+
+
 def test_allocation_meets_an_energy_budget(trained):
     model, params, _, loss, data = trained
-    layers = (
-        LayerCost("fc1/kernel", 50.0, 3.0, 3.0, 0.0, 16 * 24),
-        LayerCost("fc2/kernel", 20.0, 1.0, 1.0, 0.0, 24 * 12),
-        LayerCost("fc3/kernel", 5.0, 10.0, 10.0, 0.0, 12 * 4),
-    )
-    energy = LinearEnergy(layers)
+    energy = _mlp_energy()
     budget = EnergyBudget(energy, fraction=0.3)
     res = OneShotPrune(budget, model, method="fast_obs", allocation="obs", curve_points=8).run(
         params, loss, data, key=jax.random.key(1)
@@ -209,20 +215,15 @@ def test_compensated_hard_prune_fits_the_unpruned_outputs_better(trained):
     assert "zeroed_accuracy" in prune and "accuracy" in prune
 
 
-def test_admm_with_an_obs_allocation_keeps_its_counts_and_the_energy_budget(trained, tmp_path):
+def test_admm_with_an_obs_allocation_keeps_its_counts_and_the_energy_budget(trained, checkpoint_at):
     """ADMM(allocate=obs_allocation(...)): the Z-step and the hard prune keep exactly the
     allocated count in every layer; the counts are the one-shot allocation's; the energy
     budget holds; the description is the energy budget's plus the counts; a resumed run
     (dense params passed again) ends bit-identical."""
-    from admmprune import LayerAllocation, load_checkpoint, obs_allocation, save_checkpoint
+    from admmprune import LayerAllocation, load_checkpoint, obs_allocation
 
     model, params, _, loss, data = trained
-    layers = (
-        LayerCost("fc1/kernel", 50.0, 3.0, 3.0, 0.0, 16 * 24),
-        LayerCost("fc2/kernel", 20.0, 1.0, 1.0, 0.0, 24 * 12),
-        LayerCost("fc3/kernel", 5.0, 10.0, 10.0, 0.0, 12 * 4),
-    )
-    energy = LinearEnergy(layers)
+    energy = _mlp_energy()
     budget = EnergyBudget(energy, fraction=0.3)
     x = data[0][:256]
     allocate_fn = obs_allocation(budget, model, x, curve_points=8)
@@ -234,20 +235,14 @@ def test_admm_with_an_obs_allocation_keeps_its_counts_and_the_energy_budget(trai
         budget, optax.adam(3e-3), rho=1e-2, rho_growth=1.3, iterations=4, retrain_epochs=1,
         batch_size=64, allocate=allocate_fn,
     )  # fmt: skip
-    saved = {}
-
-    def keep_second(state, history):
-        if int(state.iteration) == 2:
-            save_checkpoint(tmp_path / "admm.npz", state)
-            saved["history"] = list(history)
-
+    keep_second, saved = checkpoint_at(2)
     res = solver.run(params, loss, data, key=jax.random.key(2), on_iteration=keep_second)
     kept = {n: int(res.masks[n]["kernel"].sum()) for n in ("fc1", "fc2", "fc3")}
     assert kept == {n.split("/")[0]: k for n, k in want.items()}
     assert energy.energy(res.masks) <= budget.target() * (1 + 1e-9)
     assert res.budget == {**budget.describe(), "allocation": want}
     assert "energy_fraction" in res.records("admm")[-1]  # the parent's figures for Z
-    state = load_checkpoint(tmp_path / "admm.npz", solver.init(params, jax.random.key(0)))
+    state = load_checkpoint(saved["path"], solver.init(params, jax.random.key(0)))
     again = solver.run(
         params, loss, data, key=jax.random.key(2), state=state, history=saved["history"]
     )
