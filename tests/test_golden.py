@@ -1,0 +1,288 @@
+"""Golden runs: every solver and baseline, short and seeded, on small synthetic problems.
+
+Each case records SHA-256 hashes of its final masks and params and every
+non-timing field of its result (or report), in ``tests/golden.json``. The file
+was written before the budget-seam redesign (issue 13) and must not change:
+a refactor that changes any bit of any result fails here. Regenerate it only
+for a deliberate change of behaviour, and say so in the commit:
+
+    ADMMPRUNE_WRITE_GOLDEN=1 python -m pytest tests/test_golden.py
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import admmprune
+from admmprune import obs
+from admmprune.data import synthetic_classification
+from admmprune.models import accuracy, cross_entropy_loss, split_nnx
+from admmprune.training import train
+
+GOLDEN = Path(__file__).with_name("golden.json")
+WRITE = os.environ.get("ADMMPRUNE_WRITE_GOLDEN") == "1"
+TIMING = {"seconds", "wall_seconds", "solver_wall_seconds", "timing", "environment", "plots"}
+
+
+class MLP(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs) -> None:
+        self.fc1 = nnx.Linear(16, 24, rngs=rngs)
+        self.fc2 = nnx.Linear(24, 12, rngs=rngs)
+        self.fc3 = nnx.Linear(12, 4, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = jax.nn.relu(self.fc1(x.reshape(x.shape[0], -1)))
+        return self.fc3(jax.nn.relu(self.fc2(x)))
+
+
+@pytest.fixture(scope="module")
+def problem():
+    data = synthetic_classification(768, dim=16, classes=4, seed=5)
+    test = synthetic_classification(256, dim=16, classes=4, seed=5)
+    model = MLP(nnx.Rngs(1))
+    params, apply = split_nnx(model)
+    loss = cross_entropy_loss(apply)
+    params, _ = train(
+        params,
+        loss,
+        (data.x, data.y),
+        optimizer=optax.adam(3e-3),
+        epochs=6,
+        batch_size=64,
+        key=jax.random.key(2),
+    )
+
+    def evaluate(p):
+        return {"accuracy": accuracy(apply, p, test.x, test.y)}
+
+    energy = admmprune.AcceleratorEnergy(admmprune.layer_shapes(model, (16,)))
+    return {
+        "model": model,
+        "params": params,
+        "loss": loss,
+        "data": (data.x, data.y),
+        "eval": evaluate,
+        "energy": energy,
+    }
+
+
+def _digest(tree) -> str:
+    h = hashlib.sha256()
+    for name, leaf in zip(admmprune.leaf_names(tree), jax.tree.leaves(tree), strict=True):
+        a = np.asarray(leaf)
+        h.update(name.encode())
+        h.update(str(a.dtype).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _clean(value):
+    """JSON-ready, with the timing fields dropped (they differ run to run)."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items() if k not in TIMING}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    if isinstance(value, float | np.floating):
+        return float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def _record(result) -> dict:
+    return _clean(
+        {
+            "params": _digest(result.params),
+            "masks": _digest(result.masks),
+            "method": result.method,
+            "budget": result.budget,
+            "layers": [s.as_dict() for s in result.layers],
+            "epochs": result.epochs,
+            "converged": result.converged,
+            "history": result.history,
+        }
+    )
+
+
+def _check(name: str, record: dict) -> None:
+    record = json.loads(json.dumps(record, sort_keys=True))
+    golden = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
+    if WRITE:
+        golden[name] = record
+        GOLDEN.write_text(json.dumps(golden, indent=1, sort_keys=True) + "\n")
+        return
+    assert name in golden, f"no golden record for {name}; write it with ADMMPRUNE_WRITE_GOLDEN=1"
+    want = golden[name]
+    for key in sorted(set(want) | set(record)):
+        assert record.get(key) == want.get(key), f"{name}: {key} differs from the golden run"
+
+
+def _run(problem, solver, seed=0):
+    return solver.run(
+        problem["params"],
+        problem["loss"],
+        problem["data"],
+        key=jax.random.key(seed),
+        eval_fn=problem["eval"],
+    )
+
+
+# ---------------------------------------------------------------------------- solvers
+# Each case builds its solver from the problem; written against the API of 28c0699.
+
+
+def _admm(p, **kw):
+    base = dict(
+        budget=admmprune.ParamBudget(keep=0.2),
+        optimizer=optax.adam(1e-3),
+        rho=1e-3,
+        rho_growth=1.3,
+        iterations=4,
+        retrain_epochs=2,
+        batch_size=64,
+    )
+    return admmprune.ADMM(**{**base, **kw})
+
+
+def _energy(p, fraction=0.4):
+    return admmprune.EnergyBudget(p["energy"], fraction=fraction)
+
+
+CASES = {
+    "admm_param": lambda p: _admm(p),
+    "admm_uniform_rho_max": lambda p: _admm(
+        p, budget=admmprune.ParamBudget(keep=0.25, allocation="uniform"), rho_max=1.5e-3
+    ),
+    "admm_per_layer_tol": lambda p: _admm(
+        p, budget=admmprune.ParamBudget(per_layer={"fc1": 0.1, "fc2": 40}), tol=0.5
+    ),
+    "admm_fisher": lambda p: _admm(p, metric="fisher", metric_examples=128),
+    "admm_diag_fisher_decay": lambda p: _admm(
+        p, metric="diag_fisher", metric_examples=128, decay_iterations=2
+    ),
+    "admm_energy": lambda p: _admm(p, budget=_energy(p)),
+    "admm_energy_alloc": lambda p: _admm(
+        p,
+        budget=_energy(p),
+        allocate=admmprune.obs_allocation(_energy(p), p["model"], p["data"][0][:256]),
+    ),
+    "admm_compensate": lambda p: _admm(
+        p, compensate=obs.compensator(p["model"], p["data"][0][:256])
+    ),
+    "magnitude": lambda p: admmprune.MagnitudePrune(
+        budget=admmprune.ParamBudget(keep=0.2), optimizer=optax.adam(1e-3), retrain_epochs=3,
+        batch_size=64,
+    ),  # fmt: skip
+    "imp": lambda p: admmprune.IterativeMagnitudePrune(
+        budget=admmprune.ParamBudget(keep=0.2), optimizer=optax.adam(1e-3), rounds=3,
+        epochs_per_round=1, batch_size=64,
+    ),  # fmt: skip
+    "psgd_param": lambda p: admmprune.ProjectedSGD(
+        budget=admmprune.ParamBudget(keep=0.2), optimizer=optax.sgd(1e-2, momentum=0.9),
+        projected_epochs=3, project_every=4, retrain_epochs=2, batch_size=64,
+    ),  # fmt: skip
+    "psgd_energy": lambda p: admmprune.ProjectedSGD(
+        budget=_energy(p), optimizer=optax.sgd(1e-2, momentum=0.9), projected_epochs=3,
+        project_every=4, decay_epochs=2, retrain_epochs=1,
+        retrain_optimizer=optax.adam(1e-3), batch_size=64,
+    ),  # fmt: skip
+    **{
+        f"oneshot_{m}": (
+            lambda m: lambda p: admmprune.OneShotPrune(
+                budget=admmprune.ParamBudget(keep=0.3, allocation="uniform"), model=p["model"],
+                method=m, calibration_examples=256, block=8,
+            )  # fmt: skip
+        )(m)
+        for m in ("exact_obs", "fast_obs", "refit", "wanda", "magnitude")
+    },
+    "oneshot_global_magnitude_mask": lambda p: admmprune.OneShotPrune(
+        budget=admmprune.ParamBudget(keep=0.3), model=p["model"], method="fast_obs",
+        quota="block", calibration_examples=256, block=8,
+    ),  # fmt: skip
+    "oneshot_obs_allocation": lambda p: admmprune.OneShotPrune(
+        budget=admmprune.ParamBudget(keep=0.3), model=p["model"], method="exact_obs",
+        allocation="obs", calibration_examples=256, curve_points=8,
+    ),  # fmt: skip
+    "oneshot_energy_allocation": lambda p: admmprune.OneShotPrune(
+        budget=_energy(p), model=p["model"], method="exact_obs", allocation="obs",
+        calibration_examples=256, curve_points=8,
+    ),  # fmt: skip
+    "oneshot_global_obs": lambda p: admmprune.OneShotPrune(
+        budget=admmprune.ParamBudget(keep=0.3), model=p["model"], method="global_obs",
+        calibration_examples=256, fisher_examples=128, fisher_block=16, fisher_steps=2,
+    ),  # fmt: skip
+    "oneshot_retrain": lambda p: admmprune.OneShotPrune(
+        budget=admmprune.ParamBudget(keep=0.2), model=p["model"], method="fast_obs",
+        calibration_examples=256, block=8, retrain_epochs=2, optimizer=optax.adam(1e-3),
+        batch_size=64,
+    ),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_solver_reproduces_its_golden_run(problem, name):
+    result = _run(problem, CASES[name](problem))
+    _check(name, _record(result))
+
+
+# ---------------------------------------------------------------------------- recipes
+RECIPES = {
+    "recipe_admm": {
+        "solver": {"method": "admm", "iterations": 2, "retrain_epochs": 1, "rho_growth": 1.5},
+        "budget": {"keep": 0.05},
+    },
+    "recipe_admm_energy_obs": {
+        "solver": {
+            "method": "admm",
+            "iterations": 2,
+            "retrain_epochs": 1,
+            "layer_allocation": "obs",
+            "hard_prune": "obs",
+            "calibration_examples": 128,
+            "curve_points": 6,
+        },
+        "budget": {"energy_fraction": 0.3},
+    },
+    "recipe_imp": {
+        "solver": {"method": "iterative_magnitude", "rounds": 2, "epochs_per_round": 1},
+        "budget": {"keep": 0.05, "allocation": "uniform"},
+    },
+    "recipe_psgd": {
+        "solver": {"method": "projected_sgd", "projected_epochs": 2, "retrain_epochs": 1},
+        "budget": {"energy_fraction": 0.3},
+    },
+    "recipe_oneshot": {
+        "solver": {"method": "oneshot", "pruner": "fast_obs", "calibration_examples": 128},
+        "budget": {"keep": 0.1},
+    },
+}
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_recipe_reproduces_its_golden_report(tmp_path, monkeypatch, name):
+    from admmprune.recipes import parse_recipe
+    from admmprune.runner import solve
+
+    monkeypatch.setenv("ADMMPRUNE_DATA_DIR", str(tmp_path / "cache"))
+    raw = {
+        "problem": {"model": "lenet300", "data": "synthetic", "seed": 3},
+        "data": {"synthetic_train": 512, "synthetic_test": 256},
+        "dense": {"epochs": 1},
+        **RECIPES[name],
+    }
+    report = solve(parse_recipe(raw, name=name), tmp_path / "out", plots=False)
+    params = np.load(tmp_path / "out" / "params.npz")
+    record = _clean({k: v for k, v in report.items() if k != "dense_cached"})
+    record["params"] = hashlib.sha256(
+        b"".join(k.encode() + params[k].tobytes() for k in sorted(params.files))
+    ).hexdigest()
+    _check(name, record)
