@@ -16,18 +16,25 @@ ADMM's hard prune the same compensation.
 """
 
 from admmprune._tree import apply_masks, default_prunable, leaf_names
-from admmprune.admm import ADMM, AdmmState
+from admmprune.admm import ADMM, AdmmState, BudgetRamp, GeometricRho
 from admmprune.baselines import IterativeMagnitudePrune, MagnitudePrune, ProjectedSGD
-from admmprune.budgets import Budget, BudgetError, LayerAllocation, ParamBudget
-from admmprune.checkpoint import load_checkpoint, load_params, save_checkpoint, save_params
-from admmprune.energy import (
-    AcceleratorEnergy,
-    BilinearEnergy,
-    EnergyBudget,
-    LinearEnergy,
-    layer_shapes,
+from admmprune.bilinear import BilinearEnergy
+from admmprune.budgets import (
+    Budget,
+    BudgetError,
+    LayerAllocation,
+    ParamBudget,
+    Pricing,
+    Projection,
+    in_budget,
 )
+from admmprune.checkpoint import load_checkpoint, load_params, save_checkpoint, save_params
+from admmprune.energy import AcceleratorEnergy, LinearEnergy
+from admmprune.energy_budget import EnergyBudget
+from admmprune.finetune import Finetune
 from admmprune.knapsack import KnapsackStats, exact_knapsack, greedy_knapsack
+from admmprune.layers import layer_shapes
+from admmprune.metrics import DiagFisher, Euclidean, Fisher
 from admmprune.oneshot import OneShotPrune, obs_allocation
 from admmprune.projections import project
 from admmprune.results import LayerStats, PruneResult
@@ -42,7 +49,13 @@ __all__ = [
     "BilinearEnergy",
     "Budget",
     "BudgetError",
+    "BudgetRamp",
+    "DiagFisher",
     "EnergyBudget",
+    "Euclidean",
+    "Finetune",
+    "Fisher",
+    "GeometricRho",
     "IterativeMagnitudePrune",
     "KnapsackStats",
     "LayerAllocation",
@@ -51,12 +64,15 @@ __all__ = [
     "MagnitudePrune",
     "OneShotPrune",
     "ParamBudget",
+    "Pricing",
     "ProjectedSGD",
+    "Projection",
     "PruneResult",
     "apply_masks",
     "default_prunable",
     "exact_knapsack",
     "greedy_knapsack",
+    "in_budget",
     "layer_shapes",
     "leaf_names",
     "load_checkpoint",

@@ -7,11 +7,12 @@ name budgets, reports and ``params.npz`` files use.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PyTree = Any
 PrunableFilter = Callable[[str, Any], bool]
@@ -67,3 +68,19 @@ def sq_norm(tree: PyTree, flags: list[bool] | None = None) -> jax.Array:
         if f:
             total = total + jnp.sum(jnp.square(leaf.astype(jnp.float32)))
     return total
+
+
+def scatter_flat(flat: Any, indices: Sequence[int], leaves: Sequence[Any]) -> list[Any]:
+    """Masks for ``leaves`` from one flat mask over the leaves at ``indices``, in order.
+
+    ``flat`` is the concatenation of the listed leaves' raveled masks; every
+    other leaf gets an all-True mask. numpy in, numpy out; jax otherwise.
+    """
+    xp = np if isinstance(flat, np.ndarray) else jnp
+    masks = [xp.ones(np.shape(leaf), bool) for leaf in leaves]
+    offset = 0
+    for i in indices:
+        size = int(np.prod(np.shape(leaves[i])))
+        masks[i] = flat[offset : offset + size].reshape(np.shape(leaves[i]))
+        offset += size
+    return masks

@@ -22,10 +22,17 @@ import jax.numpy as jnp
 import optax
 
 from admmprune._tree import PyTree, apply_masks
-from admmprune.admm import Callback, EvalFn
 from admmprune.budgets import Budget
+from admmprune.finetune import Finetune
 from admmprune.results import PruneResult, finish, with_eval
-from admmprune.training import LossFn, check_batch_size, run_steps, shuffled_batches, train
+from admmprune.training import (
+    Callback,
+    EvalFn,
+    LossFn,
+    check_batch_size,
+    run_steps,
+    shuffled_batches,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,17 +40,18 @@ class MagnitudePrune:
     """One-shot magnitude pruning, then masked retraining.
 
     The mask is that of the Euclidean projection onto the budget set
-    (top-k by |w|), computed once from the trained weights.
+    (top-k by |w|), computed once from the trained weights; ``finetune``
+    retrains with it fixed (with ``optimizer`` unless it names its own).
     """
 
     budget: Budget
     optimizer: optax.GradientTransformation
-    retrain_epochs: int = 5
+    finetune: Finetune = Finetune(epochs=5)
     batch_size: int = 128
 
     @property
     def epochs(self) -> int:
-        return self.retrain_epochs
+        return self.finetune.epochs
 
     def run(
         self,
@@ -58,25 +66,19 @@ class MagnitudePrune:
         """Prunes ``params`` to the budget in one shot and retrains with the mask fixed."""
         start = time.perf_counter()
         check_batch_size(data, self.batch_size)
-        masks = self.budget.mask(params)
-        pruned = apply_masks(params, masks)
-        history = [with_eval({"phase": "prune", "round": 1}, pruned, eval_fn)]
-        if callback is not None:
-            callback(history[-1])
-        pruned, retrain = train(
-            pruned,
+        masks = self.budget.project(params).masks
+        pruned, history = self.finetune.run(
+            params,
+            masks,
             loss_fn,
             data,
-            optimizer=self.optimizer,
-            epochs=self.retrain_epochs,
-            batch_size=self.batch_size,
             key=key,
-            masks=masks,
+            record={"phase": "prune", "round": 1},
+            optimizer=self.optimizer,
+            batch_size=self.batch_size,
             eval_fn=eval_fn,
             callback=callback,
-            phase="retrain",
         )
-        history += retrain
         return finish(
             params=pruned,
             masks=masks,
@@ -128,28 +130,23 @@ class IterativeMagnitudePrune:
         masks = None
         for r in range(1, self.rounds + 1):
             # Pruned weights are exactly zero, so a smaller top-k never revives them.
-            masks = self.budget.relax(r / self.rounds).mask(params)
-            params = apply_masks(params, masks)
-            history.append(with_eval({"phase": "prune", "round": r}, params, eval_fn))
-            if callback is not None:
-                callback(history[-1])
+            masks = self.budget.relax(r / self.rounds).project(params).masks
             key, sub = jax.random.split(key)
-            params, retrain = train(
+            params, records = Finetune(epochs=self.epochs_per_round).run(
                 params,
+                masks,
                 loss_fn,
                 data,
-                optimizer=self.optimizer,
-                epochs=self.epochs_per_round,
-                batch_size=self.batch_size,
                 key=sub,
-                masks=masks,
+                record={"phase": "prune", "round": r},
+                optimizer=self.optimizer,
+                batch_size=self.batch_size,
                 eval_fn=eval_fn,
                 callback=callback,
-                phase="retrain",
             )
-            for rec in retrain:
+            for rec in records[1:]:
                 rec["round"] = r
-            history += retrain
+            history += records
         return finish(
             params=params,
             masks=masks,
@@ -184,8 +181,8 @@ class ProjectedSGD:
         project_every: minibatches between projections.
         decay_epochs: epochs over which the budget decays to the target
             (default: ``projected_epochs``).
-        retrain_epochs: masked retraining epochs after the final projection.
-        retrain_optimizer: optimizer for retraining (default: ``optimizer``).
+        finetune: the final hard prune and masked retraining (none by
+            default; its optimizer defaults to ``optimizer``).
         batch_size: minibatch size.
 
     References:
@@ -199,12 +196,11 @@ class ProjectedSGD:
     projected_epochs: int = 30
     project_every: int = 10
     decay_epochs: int | None = None
-    retrain_epochs: int = 0
-    retrain_optimizer: optax.GradientTransformation | None = None
+    finetune: Finetune = Finetune()
     batch_size: int = 128
 
     def __post_init__(self) -> None:
-        for name in ("projected_epochs", "retrain_epochs"):
+        for name in ("projected_epochs",):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {v!r}.")
@@ -220,7 +216,7 @@ class ProjectedSGD:
     @property
     def epochs(self) -> int:
         """Training epochs in all: projected plus retraining."""
-        return self.projected_epochs + self.retrain_epochs
+        return self.projected_epochs + self.finetune.epochs
 
     def run(
         self,
@@ -262,7 +258,7 @@ class ProjectedSGD:
                     optimizer=self.optimizer,
                 )
                 t = min(1.0, (epoch + last / steps) / decay)
-                params = apply_masks(params, self.budget.relax(t).mask(params))
+                params = apply_masks(params, self.budget.relax(t).project(params).masks)
                 losses.append(loss)
             record: dict[str, Any] = {
                 "phase": "projected",
@@ -271,27 +267,23 @@ class ProjectedSGD:
                 "progress": t,
                 "seconds": time.perf_counter() - tick,
             }
-            if hasattr(self.budget, "metrics"):
-                record.update(self.budget.metrics(params))
+            record.update(self.budget.measure(params))
             emit(with_eval(record, params, eval_fn))
 
-        masks = self.budget.mask(params)
-        pruned = apply_masks(params, masks)
-        emit(with_eval({"phase": "prune", "epoch": self.projected_epochs}, pruned, eval_fn))
-        pruned, retrain = train(
-            pruned,
+        masks = self.budget.project(params).masks
+        pruned, tail = self.finetune.run(
+            params,
+            masks,
             loss_fn,
             data,
-            optimizer=self.retrain_optimizer or self.optimizer,
-            epochs=self.retrain_epochs,
-            batch_size=self.batch_size,
             key=retrain_key,
-            masks=masks,
+            record={"phase": "prune", "epoch": self.projected_epochs},
+            optimizer=self.optimizer,
+            batch_size=self.batch_size,
             eval_fn=eval_fn,
             callback=callback,
-            phase="retrain",
         )
-        history += retrain
+        history += tail
         return finish(
             params=pruned,
             masks=masks,

@@ -1,27 +1,44 @@
-"""Budgets: what a pruned network is allowed to keep.
+"""Budgets: what a pruned network is allowed to keep -- the one seam every solver uses.
 
 A budget is a frozen description of the set S in ``minimize L(W) s.t. W in S``.
-It resolves against a concrete parameter pytree (shapes and names only, so it
-works under ``jax.jit``) and produces the mask of the Euclidean projection onto
-S. Every sparsity projection keeps a subset of entries and zeros the rest, so a
-budget's one job is ``mask(params)``; :func:`admmprune.project` applies it.
+Every solver, baseline, one-shot pruner, recipe and report goes through the
+:class:`Budget` protocol below and nothing else: no module outside a
+budget's own file asks which kind of budget it holds.
 
-Energy budgets (a knapsack over per-weight costs) and structured budgets plug
-into the same seam: anything with ``mask(params)`` and ``relax(t)`` is a
-:class:`Budget`.
+* :meth:`Budget.project` -- the Euclidean projection onto S: the support
+  (every sparsity projection keeps a subset of entries and zeros the rest)
+  and its figures (e.g. the energy of the projected point, a knapsack's gap);
+* :meth:`Budget.measure` -- the same figures for any network;
+* :meth:`Budget.check` -- that the budget can be met by ``params``, else a
+  :class:`BudgetError` naming what would be feasible;
+* :meth:`Budget.relax` -- the budget a fraction of the way from dense;
+* :meth:`Budget.pricing` -- what a per-layer allocation needs: the budget's
+  cost of keeping ``k`` weights of a layer, and the capacity;
+* :meth:`Budget.prunable`, :meth:`Budget.describe`.
+
+A new budget is any class with these methods (see ``tests/test_budgets.py``
+for one defined outside the library); recipes reach it by import path,
+``[budget] type = "mypkg.budgets:RowTopK"``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
-from typing import Any, Literal, Protocol, runtime_checkable
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 import jax
 import numpy as np
 
-from admmprune._tree import PrunableFilter, PyTree, leaf_names, path_name, prunable_flags
+from admmprune._tree import (
+    PrunableFilter,
+    PyTree,
+    apply_masks,
+    leaf_names,
+    path_name,
+    prunable_flags,
+)
 from admmprune.projections import topk_masks
 
 
@@ -29,25 +46,89 @@ class BudgetError(ValueError):
     """A budget that no pruned network can meet, or that names nothing."""
 
 
+class Projection(NamedTuple):
+    """What :meth:`Budget.project` returns.
+
+    Attributes:
+        masks: boolean pytree like the params, True where the projection
+            keeps an entry (all True on leaves the budget does not prune).
+        figures: the budget's figures for the projected point (e.g.
+            ``energy``, ``energy_fraction``, a knapsack's ``projection_gap``);
+            empty when the budget has none.
+    """
+
+    masks: PyTree
+    figures: dict[str, float]
+
+
+class Pricing(NamedTuple):
+    """How a budget prices per-layer kept counts, for a layer allocation.
+
+    Attributes:
+        cost: ``cost(layer_name, kept_count)``, nondecreasing in the count.
+        capacity: the largest summed cost the budget allows.
+        per_weight: True when ``cost(name, k) == k`` for every layer (the
+            budget counts weights, so ``capacity`` is a kept-weight count).
+    """
+
+    cost: Callable[[str, float], float]
+    capacity: float
+    per_weight: bool
+
+
 @runtime_checkable
 class Budget(Protocol):
-    """What every budget provides: a projection mask and a relaxed copy."""
+    """The budget protocol: everything a solver, recipe or report asks of a budget."""
 
-    def mask(self, params: PyTree) -> PyTree:
-        """Boolean pytree: the support of the Euclidean projection of ``params``."""
+    def prunable(self, params: PyTree) -> list[bool]:
+        """Which leaves (in ``jax.tree.leaves`` order) the budget may prune."""
+        ...
+
+    def project(self, params: PyTree) -> Projection:
+        """The Euclidean projection of ``params`` onto S: its support and figures.
+
+        ``Proj_S(V) = argmin_{Z in S} ||Z - V||^2``; the projected point is
+        ``apply_masks(params, masks)``.
+        """
+        ...
+
+    def measure(self, params: PyTree) -> dict[str, float]:
+        """The budget's figures for the nonzero pattern of ``params`` ({} if none)."""
+        ...
+
+    def check(self, params: PyTree) -> None:
+        """Raises :class:`BudgetError` unless a network shaped like ``params`` can
+        meet the budget; the message names the feasible range."""
         ...
 
     def relax(self, t: float) -> Budget:
         """The budget a fraction ``t`` of the way from dense (0) to this one (1)."""
         ...
 
-    def prunable(self, params: PyTree) -> list[bool]:
-        """Which leaves (in ``jax.tree.leaves`` order) the budget may prune."""
+    def pricing(self, params: PyTree) -> Pricing:
+        """The cost of per-layer kept counts and the capacity, for an allocation.
+
+        Raises:
+            BudgetError: when the budget is not one total that layers can share.
+        """
         ...
 
     def describe(self) -> dict[str, Any]:
         """A JSON-ready description, for reports."""
         ...
+
+
+def in_budget(params: PyTree, budget: Budget) -> bool:
+    """Whether ``params`` lies in the budget set: its projection leaves it unchanged.
+
+    Exact for an exact projection (a point of S is its own projection); for an
+    approximate one (the greedy knapsack) a True answer is still a proof.
+    """
+    projected = apply_masks(params, budget.project(params).masks)
+    return all(
+        bool(np.array_equal(np.asarray(a), np.asarray(b)))
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(projected), strict=True)
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,6 +330,34 @@ class ParamBudget:
         """
         return topk_masks(params, self.resolve(params))
 
+    def project(self, params: PyTree) -> Projection:
+        """The top-k projection's support; a parameter budget has no figures."""
+        return Projection(self.mask(params), {})
+
+    def measure(self, params: PyTree) -> dict[str, float]:
+        """No figures beyond the weight counts every report has."""
+        del params
+        return {}
+
+    def check(self, params: PyTree) -> None:
+        """Resolves the budget against ``params`` (see :meth:`resolve` for the errors)."""
+        self.resolve(params)
+
+    def pricing(self, params: PyTree) -> Pricing:
+        """One weight costs one; the capacity is the global kept count.
+
+        Raises:
+            BudgetError: for a per-layer or uniform budget, which already says
+                where the weights go.
+        """
+        if not self.is_global:
+            raise BudgetError(
+                "allocation='obs' divides one global budget among the layers; give "
+                "ParamBudget(keep=...) or (count=...) with allocation='global'."
+            )
+        k = sum(g.k for g in self.resolve(params))
+        return Pricing(lambda _name, count: count, float(k), per_weight=True)
+
     def relax(self, t: float) -> ParamBudget:
         """The budget a fraction ``t`` of the way from dense (0) to this (1).
 
@@ -287,7 +396,7 @@ class LayerAllocation:
         ...                 (("conv1/kernel", 264), ("fc1/kernel", 5700)))
     """
 
-    parent: Any
+    parent: Budget
     counts: tuple[tuple[str, int], ...]
     progress: float = 1.0
 
@@ -306,13 +415,27 @@ class LayerAllocation:
         """Top ``k_l`` magnitudes in every named layer; other leaves all True."""
         return self._inner().mask(params)
 
+    def project(self, params: PyTree) -> Projection:
+        """Top ``k_l`` in every named layer, with the parent's figures for the result."""
+        masks = self.mask(params)
+        return Projection(masks, self.parent.measure(apply_masks(params, masks)))
+
+    def measure(self, params: PyTree) -> dict[str, float]:
+        """The parent's figures for ``params`` (e.g. energy)."""
+        return self.parent.measure(params)
+
+    def check(self, params: PyTree) -> None:
+        """The parent is feasible and every count names a leaf and fits it."""
+        self.parent.check(params)
+        self._inner().check(params)
+
+    def pricing(self, params: PyTree) -> Pricing:
+        """The parent's pricing (the counts were chosen inside it)."""
+        return self.parent.pricing(params)
+
     def relax(self, t: float) -> LayerAllocation:
         """Every layer's count moved geometrically from dense (0) to ``k_l`` (1)."""
         return dataclasses.replace(self, progress=float(t))
-
-    def metrics(self, params: PyTree) -> dict[str, float]:
-        """The parent's figures for ``params`` (e.g. energy), if it has any."""
-        return self.parent.metrics(params) if hasattr(self.parent, "metrics") else {}
 
     def describe(self) -> dict[str, Any]:
         return {**self.parent.describe(), "allocation": dict(self.counts)}

@@ -17,6 +17,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from admmprune.progress import Progress, total_epochs
+
 
 def _user_errors() -> tuple[type[Exception], ...]:
     from admmprune.budgets import BudgetError
@@ -38,52 +40,6 @@ def parse_override(text: str) -> tuple[str, Any]:
     except tomllib.TOMLDecodeError:
         parsed = value
     return key.strip(), parsed
-
-
-class Progress:
-    """A tqdm bar over a run's epochs, fed by the solvers' history records."""
-
-    def __init__(self, total: int, desc: str, enabled: bool) -> None:
-        self.enabled = enabled
-        self.bar = None
-        if enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(
-                total=total, desc=desc, unit="epoch", dynamic_ncols=True, file=sys.stderr
-            )
-
-    def __call__(self, record: dict[str, Any]) -> None:
-        if self.bar is None:
-            return
-        phase = record.get("phase")
-        if phase in ("dense", "admm", "retrain", "projected"):
-            self.bar.update(1)
-        post = {"phase": phase}
-        if "iteration" in record and phase == "admm":
-            post["it"] = record["iteration"]
-        for key, label in (
-            ("loss", "loss"),
-            ("primal_relative", "r"),
-            ("dual_relative", "s"),
-            ("accuracy", "acc"),
-        ):
-            if key in record:
-                post[label] = f"{record[key]:.4g}"
-        self.bar.set_postfix(post, refresh=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def total_epochs(recipe: Any) -> int:
-    """Epochs the run will train: dense (unless cached) plus the solver's own."""
-    from admmprune.runner import dense_cache_path, make_solver
-
-    cached = recipe.dense["cache"] and dense_cache_path(recipe).exists()
-    dense = 0 if cached else recipe.dense["epochs"]
-    return dense + make_solver(recipe, steps_per_epoch=1).epochs
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -137,9 +93,9 @@ def cmd_solve(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from admmprune.bench import run_benchmark
-    from admmprune.bench_energy import run_energy_benchmark
-    from admmprune.bench_obs import run_obs_benchmark
+    from admmprune.bench.energy import run_energy_benchmark
+    from admmprune.bench.obs import run_obs_benchmark
+    from admmprune.bench.param import run_benchmark
 
     if args.suite in ("param", "all"):
         run_benchmark(

@@ -36,11 +36,11 @@ import numpy as np
 import optax
 
 from admmprune import obs
-from admmprune._tree import PyTree, apply_masks, leaf_names
-from admmprune.admm import Callback, EvalFn
-from admmprune.budgets import Budget, BudgetError, LayerAllocation, ParamBudget
-from admmprune.results import PruneResult, finish, with_eval
-from admmprune.training import LossFn, check_batch_size, train
+from admmprune._tree import PyTree, leaf_names
+from admmprune.budgets import Budget, BudgetError, LayerAllocation, in_budget
+from admmprune.finetune import Finetune
+from admmprune.results import PruneResult, finish
+from admmprune.training import Callback, EvalFn, LossFn
 
 ONE_SHOT_METHODS = (*obs.METHODS, "global_obs")
 
@@ -193,13 +193,18 @@ class OneShotPrune:
     """One-shot pruning with second-order compensation, no retraining needed.
 
     Args:
-        budget: a :class:`ParamBudget` or :class:`admmprune.EnergyBudget`.
+        budget: any :class:`admmprune.Budget`. ``"refit"`` keeps the budget's
+            own projection (its exact support, whatever the set) and refits
+            the kept weights; the other layer-wise methods choose their own
+            masks at the per-layer counts of that projection, so the result
+            is checked to lie in the budget set (a budget that is more than
+            per-layer counts, e.g. N:M or per-row, needs ``"refit"``).
         model: the ``nnx.Module`` whose parameters are pruned (its structure
             gives every layer's calibration inputs).
         method: ``"exact_obs"`` (OBC), ``"fast_obs"`` (SparseGPT),
-            ``"refit"`` (magnitude mask + exact refit), ``"wanda"``,
-            ``"magnitude"``, or ``"global_obs"`` (WoodFisher over all
-            layers at once; parameter budgets only).
+            ``"refit"`` (the budget's magnitude mask + exact OBS refit),
+            ``"wanda"``, ``"magnitude"``, or ``"global_obs"`` (WoodFisher
+            over all layers at once; budgets that count weights only).
         quota: fast OBS's per-block budget, ``"layer"`` (from the layer-wide
             saliency ranking) or ``"block"`` (as published); see
             :func:`admmprune.obs.fast_obs`.
@@ -208,7 +213,8 @@ class OneShotPrune:
             mask); ``"obs"`` -- from the layers' OBS loss curves (see
             :func:`allocate`). Ignored by ``global_obs``.
         calibration_examples: training examples used for the Hessians.
-        retrain_epochs: masked retraining afterwards (0: none).
+        finetune: masked retraining afterwards (none by default; give it an
+            optimizer, or pass ``optimizer=``).
     """
 
     budget: Budget
@@ -226,7 +232,7 @@ class OneShotPrune:
     fisher_damp: float = 1e-3
     fisher_steps: int = 4
     fisher_examples: int = 1024
-    retrain_epochs: int = 0
+    finetune: Finetune = Finetune()
     optimizer: optax.GradientTransformation | None = None
     batch_size: int = 128
 
@@ -235,19 +241,14 @@ class OneShotPrune:
             raise ValueError(f"method must be one of {ONE_SHOT_METHODS}, got {self.method!r}.")
         if self.allocation not in ("budget", "obs"):
             raise ValueError(f"allocation must be 'budget' or 'obs', got {self.allocation!r}.")
-        if self.retrain_epochs and self.optimizer is None:
+        if self.finetune.epochs and (self.finetune.optimizer or self.optimizer) is None:
             raise ValueError("retrain_epochs > 0 needs an optimizer= for the retraining.")
-        if self.method == "global_obs" and not isinstance(self.budget, ParamBudget):
-            raise ValueError(
-                "global_obs takes a parameter budget; for an energy budget use "
-                "exact_obs or fast_obs with allocation='obs'."
-            )
         if self.calibration_examples < 1:
             raise ValueError("calibration_examples must be at least 1.")
 
     @property
     def epochs(self) -> int:
-        return self.retrain_epochs
+        return self.finetune.epochs
 
     # ---------------------------------------------------------------- counts
     def counts(self, params: PyTree, x: jax.Array) -> dict[str, int]:
@@ -255,7 +256,7 @@ class OneShotPrune:
         names = leaf_names(params)
         flags = self.budget.prunable(params)
         if self.allocation == "budget":
-            masks = jax.tree.leaves(self.budget.mask(params))
+            masks = jax.tree.leaves(self.budget.project(params).masks)
             return {n: int(jnp.sum(m)) for n, m, f in zip(names, masks, flags, strict=True) if f}
         leaves = jax.tree.leaves(params)
         inputs = obs.calibration_inputs(self.model, params, x)
@@ -270,27 +271,8 @@ class OneShotPrune:
                 grid,
                 layer_curve(self.method, w, h, grid, damp=self.damp, block=self.block),
             )
-        return allocate(curves, *self._cost_and_capacity(params, names, flags))
-
-    def _cost_and_capacity(
-        self, params: PyTree, names: list[str], flags: list[bool]
-    ) -> tuple[Callable[[str, float], float], float]:
-        if isinstance(self.budget, ParamBudget):
-            if not self.budget.is_global:
-                raise ValueError(
-                    "allocation='obs' divides one global budget among the layers; give "
-                    "ParamBudget(keep=...) or (count=...) with allocation='global'."
-                )
-            k = sum(g.k for g in self.budget.resolve(params))
-            return (lambda _n, c: c), float(k)
-        model = self.budget.model
-        layer = {c.name: c for c in model.costs()}
-        prunable = {n for n, f in zip(names, flags, strict=True) if f}
-        fixed = sum(c.energy(c.size) for n, c in layer.items() if n not in prunable)  # kept dense
-        missing = sorted(prunable - set(layer))
-        if missing:
-            raise ValueError(f"the energy model does not cost {missing}.")
-        return (lambda n, c: layer[n].energy(c)), self.budget.limit() - model.constant - fixed
+        pricing = self.budget.pricing(params)
+        return allocate(curves, pricing.cost, pricing.capacity)
 
     # ------------------------------------------------------------------- run
     def run(
@@ -309,14 +291,14 @@ class OneShotPrune:
         n = int(x.shape[0])
         pick = jax.random.permutation(key, n)[: min(self.calibration_examples, n)]
         xc, yc = x[pick], y[pick]
-        history: list[dict[str, Any]] = []
         if self.method == "global_obs":
             flags = self.budget.prunable(params)
-            if not self.budget.is_global:
+            pricing = self.budget.pricing(params)
+            if not pricing.per_weight:
                 raise ValueError(
-                    "global_obs chooses the allocation itself: use allocation='global'."
+                    "global_obs takes a parameter budget (one kept count over all layers); "
+                    "for an energy budget use exact_obs or fast_obs with allocation='obs'."
                 )
-            k = sum(g.k for g in self.budget.resolve(params))
             fx = min(self.fisher_examples, int(xc.shape[0]))
             from admmprune.woodfisher import global_obs
 
@@ -324,7 +306,7 @@ class OneShotPrune:
                 loss_fn,
                 params,
                 flags,
-                k,
+                int(pricing.capacity),
                 (xc[:fx], yc[:fx]),
                 block=self.fisher_block,
                 damp=self.fisher_damp,
@@ -332,41 +314,43 @@ class OneShotPrune:
             )
             layers = [{"step": s["step"], "kept": s["kept"]} for s in steps]
         else:
-            counts = self.counts(params, xc)
+            fixed = None
+            if self.method == "refit" and self.allocation == "budget":
+                fixed = self.budget.project(params).masks  # the budget's own support
             pruned, masks, layers = obs.prune_layerwise(
                 self.model,
                 params,
                 xc,
-                counts,
+                None if fixed is not None else self.counts(params, xc),
                 self.method,
+                masks=fixed,
                 damp=self.damp,
                 block=self.block,
                 nm=self.nm,
                 quota=self.quota,
                 sequential=self.sequential,
             )
+            if fixed is None and self.allocation == "budget" and not in_budget(pruned, self.budget):
+                raise BudgetError(
+                    f"{self.method} chose masks at the budget's per-layer counts, but they do "
+                    f"not lie in the budget set {self.budget.describe()}; use method='refit', "
+                    "which keeps the budget's own projection and refits the kept weights."
+                )
         record = {"phase": "prune", "round": 1, "method": self.method, "layers": layers}
-        history.append(with_eval(record, pruned, eval_fn))
-        if callback is not None:
-            callback(history[-1])
-        if self.retrain_epochs:
-            check_batch_size(data, self.batch_size)
-            pruned, retrain = train(
-                pruned,
-                loss_fn,
-                data,
-                optimizer=self.optimizer,
-                epochs=self.retrain_epochs,
-                batch_size=self.batch_size,
-                key=jax.random.fold_in(key, 1),
-                masks=masks,
-                eval_fn=eval_fn,
-                callback=callback,
-                phase="retrain",
-            )
-            history += retrain
+        pruned, history = self.finetune.run(
+            pruned,
+            masks,
+            loss_fn,
+            data,
+            key=jax.random.fold_in(key, 1),
+            record=record,
+            optimizer=self.optimizer,
+            batch_size=self.batch_size,
+            eval_fn=eval_fn,
+            callback=callback,
+        )
         return finish(
-            params=apply_masks(pruned, masks),
+            params=pruned,
             masks=masks,
             budget=self.budget,
             history=history,

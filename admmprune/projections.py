@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 
-from admmprune._tree import PyTree, apply_masks
+from admmprune._tree import PyTree, apply_masks, scatter_flat
 
 
 class _Group(Protocol):
@@ -59,11 +59,9 @@ def _topk_masks_leaves(leaves: list[jax.Array], groups: tuple[Any, ...]) -> list
     for g in groups:
         scores = jnp.concatenate([jnp.abs(leaves[i]).ravel() for i in g.leaves])
         flat = topk_mask_flat(scores, g.k)
-        offset = 0
+        part = scatter_flat(flat, g.leaves, leaves)
         for i in g.leaves:
-            size = leaves[i].size
-            masks[i] = flat[offset : offset + size].reshape(leaves[i].shape)
-            offset += size
+            masks[i] = part[i]
     return masks
 
 

@@ -28,22 +28,25 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
 import math
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import optax
 
-from admmprune.admm import METRICS
-from admmprune.budgets import ParamBudget
+from admmprune.budgets import Budget, ParamBudget
+from admmprune.metrics import METRICS
+from admmprune.oneshot import ONE_SHOT_METHODS
 
 METHODS = ("admm", "magnitude", "iterative_magnitude", "projected_sgd", "oneshot")
-PRUNERS = ("exact_obs", "fast_obs", "refit", "wanda", "magnitude", "global_obs")
+PRUNERS = ONE_SHOT_METHODS
 OPTIMIZERS = ("adam", "sgd", "momentum", "adamw")
 SCHEDULES = ("constant", "cosine")
+BUDGET_TYPES = ("param", "energy")  # and "package.module:Name", a user's budget
 
 
 class RecipeError(ValueError):
@@ -90,6 +93,7 @@ SCHEMA: dict[str, dict[str, _Key]] = {
         "cache": _k(bool, True),
     },
     "budget": {
+        "type": _k(str, None),  # "param", "energy" or "pkg.module:Name"; None: from the keys
         "keep": _k(_NUMBER, None),
         "count": _k(int, None),
         "per_layer": _k(dict, None),
@@ -128,7 +132,7 @@ SCHEMA: dict[str, dict[str, _Key]] = {
         "iterations": _k(int, 60, minimum=0, methods=("admm",)),
         "epochs_per_iteration": _k(int, 1, minimum=1, methods=("admm",)),
         "tol": _k(_NUMBER, 0.0, minimum=0, methods=("admm",)),  # 0 = run all iterations
-        "metric": _k(str, "euclidean", choices=METRICS, methods=("admm",)),
+        "metric": _k(str, "euclidean", choices=tuple(METRICS), methods=("admm",)),
         "decay_iterations": _k(int, 0, minimum=0, methods=("admm",)),
         "retrain_epochs": _k(
             int, 20, minimum=0, methods=("admm", "magnitude", "projected_sgd", "oneshot")
@@ -209,6 +213,8 @@ class Recipe:
         """The recipe as plain, JSON-ready sections (solver keys of other methods dropped)."""
         out = {s: dict(getattr(self, s)) for s in SCHEMA}
         out["solver"] = {k: v for k, v in out["solver"].items() if _applies(k, self.method)}
+        if out["budget"].get("type") is None:
+            out["budget"].pop("type", None)  # inferred from the keys, as before the key existed
         return json.loads(json.dumps(out, default=str))
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> Recipe:
@@ -268,7 +274,12 @@ class Recipe:
     @property
     def is_energy(self) -> bool:
         """Whether the budget is an energy budget."""
-        return self.budget["energy_fraction"] is not None or self.budget["energy"] is not None
+        return self.budget_type == "energy"
+
+    @property
+    def budget_type(self) -> str:
+        """``"param"``, ``"energy"`` or a user budget's import path (``pkg.mod:Name``)."""
+        return _budget_type(self.budget)
 
     def energy_model(self) -> Any:
         """The ``[energy]`` section's model, built for this recipe's network."""
@@ -289,22 +300,18 @@ class Recipe:
         units += ("array_rows", "array_cols")
         return AcceleratorEnergy(shapes, **{k: e[k] for k in units})
 
-    def budget_object(self) -> Any:
-        """The budget this recipe describes (:class:`ParamBudget` or ``EnergyBudget``)."""
-        b = self.budget
-        if self.is_energy:
-            from admmprune.energy import EnergyBudget
-
-            return EnergyBudget(
-                self.energy_model(),
-                fraction=b["energy_fraction"],
-                energy=b["energy"],
-                method=self.energy["projection"],
-                time_limit=self.energy["time_limit"],
-            )
-        return ParamBudget(
-            keep=b["keep"], count=b["count"], per_layer=b["per_layer"], allocation=b["allocation"]
-        )
+    def budget_object(self) -> Budget:
+        """The budget this recipe describes: ``[budget] type`` through
+        :data:`BUDGET_BUILDERS`, or a user's budget class (or function) named by
+        import path, called with the section's other keys."""
+        kind = self.budget_type
+        if kind in BUDGET_BUILDERS:
+            return BUDGET_BUILDERS[kind](self)
+        settings = {k: v for k, v in self.budget.items() if k != "type"}
+        try:
+            return _import_path(kind)(**settings)
+        except TypeError as e:
+            raise RecipeError(f"[budget]: {kind} does not take {sorted(settings)}: {e}") from None
 
     def matches(self, recorded: Mapping[str, Any]) -> bool:
         """Whether ``recorded`` (a report's ``recipe``) describes this recipe.
@@ -318,6 +325,8 @@ class Recipe:
             return False
 
         def default(section: str, key: str) -> Any:
+            if key not in SCHEMA[section]:  # a user budget's own setting: no default
+                return None
             return json.loads(json.dumps(SCHEMA[section][key].default, default=str))
 
         for section, values in mine.items():
@@ -344,6 +353,56 @@ class Recipe:
         return hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _param_budget(recipe: Recipe) -> Budget:
+    b = recipe.budget
+    return ParamBudget(
+        keep=b["keep"], count=b["count"], per_layer=b["per_layer"], allocation=b["allocation"]
+    )
+
+
+def _energy_budget(recipe: Recipe) -> Budget:
+    from admmprune.energy_budget import EnergyBudget
+
+    b = recipe.budget
+    return EnergyBudget(
+        recipe.energy_model(),
+        fraction=b["energy_fraction"],
+        energy=b["energy"],
+        method=recipe.energy["projection"],
+        time_limit=recipe.energy["time_limit"],
+    )
+
+
+BUDGET_BUILDERS: dict[str, Callable[[Recipe], Budget]] = {
+    "param": _param_budget,
+    "energy": _energy_budget,
+}
+
+
+def _budget_type(budget: Mapping[str, Any]) -> str:
+    if budget.get("type"):
+        return budget["type"]
+    energy = budget.get("energy_fraction") is not None or budget.get("energy") is not None
+    return "energy" if energy else "param"
+
+
+def _import_path(path: str) -> Any:
+    """``"package.module:Name"`` -> the object, or a :class:`RecipeError` saying why not."""
+    module, _, name = path.partition(":")
+    if not module or not name:
+        raise RecipeError(
+            f"budget.type: {path!r} is not one of {list(BUDGET_TYPES)} nor an import path "
+            "like 'mypkg.budgets:RowTopK'."
+        )
+    try:
+        obj = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise RecipeError(f"budget.type: cannot import {path!r} ({e}).") from None
+    if not callable(obj):
+        raise RecipeError(f"budget.type: {path!r} is not a class or function.")
+    return obj
+
+
 def _applies(key: str, method: str) -> bool:
     methods = SCHEMA["solver"][key].methods
     return methods is None or method in methods
@@ -367,10 +426,14 @@ def parse_recipe(raw: Mapping[str, Any], *, name: str, path: str | None = None) 
     if method not in METHODS:
         raise RecipeError(f"solver.method: {method!r} is not one of {list(METHODS)}.")
     parsed: dict[str, dict[str, Any]] = {}
+    custom = _custom_budget(raw.get("budget", {}))
     for section, keys in SCHEMA.items():
         table = raw.get(section, {})
         if not isinstance(table, Mapping):
             raise RecipeError(f"[{section}] must be a table, got {table!r}.")
+        if section == "budget" and custom:
+            parsed[section] = dict(table)  # a user budget's settings are its own to check
+            continue
         out = {}
         for key, value in table.items():
             where = f"{section}.{key}"
@@ -390,7 +453,18 @@ def parse_recipe(raw: Mapping[str, Any], *, name: str, path: str | None = None) 
             out["retrain_epochs"] = 0  # one-shot means no retraining unless asked
         parsed[section] = out
     parsed["problem"]["name"] = parsed["problem"]["name"] or name
+    if custom:
+        _import_path(parsed["budget"]["type"])  # fails now, naming the path, if it cannot load
+        _check_energy_section(parsed["energy"])
+        return Recipe(**parsed, path=path)
+    kind = parsed["budget"]["type"]
     given = [k for k in BUDGET_KINDS if parsed["budget"][k] is not None]
+    if kind is not None and kind != _budget_type({**parsed["budget"], "type": None}):
+        raise RecipeError(
+            f"budget.type: {kind!r} does not match the keys given ({given}); "
+            "param budgets take keep, count or per_layer, energy budgets energy_fraction "
+            "or energy."
+        )
     if len(given) != 1:
         raise RecipeError(
             "[budget] takes exactly one of keep, count, per_layer, energy_fraction or energy "
@@ -404,7 +478,28 @@ def parse_recipe(raw: Mapping[str, Any], *, name: str, path: str | None = None) 
     e = parsed["budget"]["energy"]
     if e is not None and e <= 0:
         raise RecipeError(f"budget.energy: must be positive, got {e}.")
-    energy = parsed["energy"]
+    _check_energy_section(parsed["energy"])
+    if parsed["budget"]["keep"] is not None and not 0 <= parsed["budget"]["keep"] <= 1:
+        raise RecipeError(f"budget.keep: must be in [0, 1], got {parsed['budget']['keep']}.")
+    if parsed["budget"]["count"] is not None and parsed["budget"]["count"] < 0:
+        raise RecipeError(f"budget.count: must be >= 0, got {parsed['budget']['count']}.")
+    return Recipe(**parsed, path=path)
+
+
+def _custom_budget(table: Any) -> bool:
+    """Whether ``[budget]`` names a user's budget by import path."""
+    if not isinstance(table, Mapping) or "type" not in table:
+        return False
+    kind = table["type"]
+    if not isinstance(kind, str):
+        raise RecipeError(f"budget.type: expected a string, got {kind!r}.")
+    if kind in BUDGET_TYPES:
+        return False
+    _import_path(kind)  # a RecipeError unless it is an import path that loads
+    return True
+
+
+def _check_energy_section(energy: Mapping[str, Any]) -> None:
     if energy["model"] == "linear" and not energy["per_weight"]:
         raise RecipeError(
             'energy.per_weight: model = "linear" needs a table of cost per nonzero weight, '
@@ -412,11 +507,6 @@ def parse_recipe(raw: Mapping[str, Any], *, name: str, path: str | None = None) 
         )
     if energy["model"] != "linear" and energy["per_weight"] is not None:
         raise RecipeError('energy.per_weight: only for model = "linear".')
-    if parsed["budget"]["keep"] is not None and not 0 <= parsed["budget"]["keep"] <= 1:
-        raise RecipeError(f"budget.keep: must be in [0, 1], got {parsed['budget']['keep']}.")
-    if parsed["budget"]["count"] is not None and parsed["budget"]["count"] < 0:
-        raise RecipeError(f"budget.count: must be >= 0, got {parsed['budget']['count']}.")
-    return Recipe(**parsed, path=path)
 
 
 def load_recipe(path: str | Path) -> Recipe:

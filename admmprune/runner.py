@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import platform
@@ -28,13 +29,15 @@ import jax.numpy as jnp
 import numpy as np
 
 import admmprune
+from admmprune.admm import BudgetRamp, GeometricRho
+from admmprune.budgets import Budget, BudgetError
 from admmprune.checkpoint import load_checkpoint, load_params, save_checkpoint, save_params
 from admmprune.data import cache_dir, load_mnist, synthetic_classification
+from admmprune.metrics import METRICS
 from admmprune.models import accuracy, cross_entropy_loss, init_model
 from admmprune.recipes import Recipe, RecipeError, make_optimizer, retrain_learning_rate
 from admmprune.results import PruneResult
-
-Callback = Callable[[dict[str, Any]], None]
+from admmprune.training import Callback
 
 
 def load_data(recipe: Recipe) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
@@ -109,14 +112,21 @@ def make_solver(
     or OneShotPrune.
 
     ``train`` gives ADMM's OBS hard prune its calibration inputs; without it
-    (validation) the solver is built without compensation.
+    (validation) the solver is built without compensation. ADMM's layer
+    allocation (``layer_allocation = "obs"``) is not part of the solver: see
+    :func:`allocator`.
     """
     s = recipe.solver
     budget = recipe.budget_object()
+    phase_epochs = (
+        s["epochs_per_round"] if recipe.method == "iterative_magnitude" else s["retrain_epochs"]
+    )
+    retrain = make_optimizer(
+        s["optimizer"], retrain_learning_rate(recipe, phase_epochs, steps_per_epoch)
+    )
     if recipe.method == "oneshot":
         from admmprune.oneshot import OneShotPrune
 
-        retrain = s["retrain_epochs"]
         return OneShotPrune(
             budget=budget,
             model=_network(recipe),
@@ -130,17 +140,11 @@ def make_solver(
             fisher_damp=s["fisher_damp"],
             fisher_steps=s["fisher_steps"],
             fisher_examples=s["fisher_examples"],
-            retrain_epochs=retrain,
-            optimizer=make_optimizer(
-                s["optimizer"], retrain_learning_rate(recipe, retrain, steps_per_epoch)
-            )
-            if retrain
-            else None,
+            finetune=admmprune.Finetune(
+                epochs=s["retrain_epochs"], optimizer=retrain if s["retrain_epochs"] else None
+            ),
             batch_size=s["batch_size"],
         )
-    phase_epochs = (
-        s["epochs_per_round"] if recipe.method == "iterative_magnitude" else (s["retrain_epochs"])
-    )
     if recipe.method == "projected_sgd":
         return admmprune.ProjectedSGD(
             budget=budget,
@@ -148,38 +152,39 @@ def make_solver(
             projected_epochs=s["projected_epochs"],
             project_every=s["project_every"],
             decay_epochs=s["decay_epochs"] or None,
-            retrain_epochs=s["retrain_epochs"],
-            retrain_optimizer=make_optimizer(
-                s["optimizer"], retrain_learning_rate(recipe, phase_epochs, steps_per_epoch)
-            ),
+            finetune=admmprune.Finetune(epochs=s["retrain_epochs"], optimizer=retrain),
             batch_size=s["batch_size"],
         )
-    retrain = make_optimizer(
-        s["optimizer"], retrain_learning_rate(recipe, phase_epochs, steps_per_epoch)
-    )
     if recipe.method == "admm":
+        if s["decay_iterations"] > s["iterations"]:
+            raise ValueError(
+                f"decay_iterations={s['decay_iterations']} exceeds iterations={s['iterations']}: "
+                "the Z-step would never reach the target before the hard prune; use at most "
+                f"{s['iterations']}."
+            )
         return admmprune.ADMM(
             budget=budget,
             optimizer=make_optimizer(s["optimizer"], s["learning_rate"]),
-            rho=s["rho"],
-            rho_growth=s["rho_growth"],
-            rho_max=math.inf if s["rho_max"] is None else s["rho_max"],
+            rho=GeometricRho(
+                s["rho"], s["rho_growth"], math.inf if s["rho_max"] is None else s["rho_max"]
+            ),
             iterations=s["iterations"],
             epochs_per_iteration=s["epochs_per_iteration"],
             tol=s["tol"] or None,
-            retrain_epochs=s["retrain_epochs"],
-            retrain_optimizer=retrain,
+            metric=METRICS[s["metric"]](),
+            budget_ramp=BudgetRamp(s["decay_iterations"]) if s["decay_iterations"] else None,
+            finetune=admmprune.Finetune(
+                epochs=s["retrain_epochs"],
+                optimizer=retrain,
+                compensate=_compensator(recipe, train),
+            ),
             batch_size=s["batch_size"],
-            metric=s["metric"],
-            decay_iterations=s["decay_iterations"],
-            allocate=_allocator(recipe, budget, train),
-            compensate=_compensator(recipe, train),
         )
     if recipe.method == "magnitude":
         return admmprune.MagnitudePrune(
             budget=budget,
             optimizer=retrain,
-            retrain_epochs=s["retrain_epochs"],
+            finetune=admmprune.Finetune(epochs=s["retrain_epochs"]),
             batch_size=s["batch_size"],
         )
     return admmprune.IterativeMagnitudePrune(
@@ -191,9 +196,14 @@ def make_solver(
     )
 
 
-def _allocator(recipe: Recipe, budget: Any, train: tuple[jax.Array, jax.Array] | None) -> Any:
-    """ADMM's ``allocate``: per-layer counts from OBS curves (``layer_allocation = "obs"``)."""
-    if recipe.solver["layer_allocation"] != "obs" or train is None:
+def allocator(recipe: Recipe, budget: Budget, train: tuple[jax.Array, jax.Array]) -> Any:
+    """ADMM's layer allocation (``layer_allocation = "obs"``), or None.
+
+    ``allocator(...)(dense_params)`` is the budget narrowed to per-layer counts
+    from the layers' OBS loss curves (:func:`admmprune.obs_allocation`); the
+    solver then runs on it.
+    """
+    if recipe.method != "admm" or recipe.solver["layer_allocation"] != "obs":
         return None
     from admmprune.oneshot import obs_allocation
 
@@ -233,20 +243,27 @@ def validate(recipe: Recipe) -> None:
     params, _ = init_model(recipe.problem["model"], seed=recipe.problem["seed"])
     recipe.energy_model()  # every report states the energy: the [energy] section must build
     budget = recipe.budget_object()
-    if isinstance(budget, admmprune.ParamBudget):
-        budget.resolve(params)
-    else:
-        budget.project_with_stats(params)  # names and sizes agree with the network
-    if (
-        recipe.method in ("admm", "oneshot")
-        and recipe.solver["layer_allocation"] == "obs"
-        and isinstance(budget, admmprune.ParamBudget)
-        and not budget.is_global
-    ):
-        raise RecipeError(
-            'solver.layer_allocation = "obs" divides one global budget among the layers; '
-            "give [budget] keep= or count= (allocation global) or an energy budget, or drop it."
-        )
+    budget.check(params)  # names and sizes agree with the network, the budget can be met
+    if recipe.method in ("admm", "oneshot") and recipe.solver["layer_allocation"] == "obs":
+        try:
+            budget.pricing(params)
+        except BudgetError:
+            raise RecipeError(
+                'solver.layer_allocation = "obs" divides one global budget among the layers; '
+                "give [budget] keep= or count= (allocation global) or an energy budget, or "
+                "drop it."
+            ) from None
+    if recipe.method == "oneshot" and recipe.solver["pruner"] == "global_obs":
+        try:
+            per_weight = budget.pricing(params).per_weight
+        except BudgetError as e:
+            raise RecipeError(f"[solver]: global_obs: {e}") from None
+        if not per_weight:
+            raise RecipeError(
+                "[solver]: global_obs takes a parameter budget (one kept count over all "
+                "layers); for an energy budget use exact_obs or fast_obs with "
+                'layer_allocation = "obs".'
+            )
     try:
         make_solver(recipe, steps_per_epoch=1)
     except ValueError as e:
@@ -293,6 +310,12 @@ def solve(
     dense_acc = evaluate(params)["accuracy"]
     steps = train[0].shape[0] // recipe.solver["batch_size"]
     solver = make_solver(recipe, steps, train)
+    allocation_seconds = 0.0
+    allocate = allocator(recipe, solver.budget, train)
+    if allocate is not None:  # from the dense params, also when resuming (it is deterministic)
+        begin = time.perf_counter()
+        solver = dataclasses.replace(solver, budget=allocate(params))
+        allocation_seconds = time.perf_counter() - begin
     key = jax.random.key(recipe.problem["seed"] + 1)
     extra: dict[str, Any] = {}
     resumed_from = None
@@ -319,6 +342,8 @@ def solve(
     result: PruneResult = solver.run(
         params, loss_fn, train, key=key, eval_fn=evaluate, callback=callback, **extra
     )
+    # The allocation is part of the solver's cost (the OBS curves, the MILP).
+    result = dataclasses.replace(result, wall_seconds=result.wall_seconds + allocation_seconds)
     save_params(out / "params.npz", result.params)
     report = make_report(
         recipe,

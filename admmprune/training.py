@@ -1,15 +1,19 @@
-"""Jit-compiled training epochs: plain, ADMM-penalized, and masked.
+"""Jit-compiled training epochs: plain, with a gradient term, and masked.
 
 One epoch is a single ``jax.lax.scan`` over shuffled minibatches, compiled
 once per (loss, optimizer, batch size, data shape), so a step costs no Python.
-The three kinds differ only in how the gradient and the update are touched:
+They differ only in how the gradient and the update are touched:
 
 * plain:  ``g = grad L(W)``;
-* ADMM:   ``g = grad L(W) + rho (W - Z + U)`` on prunable leaves (the gradient
-  of the augmented Lagrangian's W-part, Zhang et al., ECCV 2018, eq. 6);
+* with a ``grad_term`` (a hashable ``term(grads, params, term_args) ->
+  grads``): e.g. ADMM's penalty gradient ``g + rho (W - Z + U)``
+  (:class:`admmprune.admm.Penalty`), with its arrays in ``term_args``;
 * masked: ``g = M * grad L(W)`` before the optimizer and ``u = M * u`` after
   it, so pruned weights receive exactly zero update whatever the optimizer
   (momentum, Adam moments and weight decay included) and stay exactly zero.
+
+Also :func:`per_example_grads`, the one place per-example gradients are formed
+(the Fisher metrics of ADMM, WoodFisher).
 """
 
 from __future__ import annotations
@@ -28,6 +32,21 @@ from admmprune._tree import PyTree, apply_masks
 from admmprune.results import with_eval
 
 LossFn = Callable[[PyTree, Any], jax.Array]
+EvalFn = Callable[[PyTree], Mapping[str, float]]
+Callback = Callable[[dict[str, Any]], None]
+GradTerm = Callable[[PyTree, PyTree, Any], PyTree]
+
+
+def per_example_grads(loss_fn: LossFn, params: PyTree, batch: PyTree) -> PyTree:
+    """Each example's gradient: a pytree like ``params`` with a leading example axis.
+
+    ``batch`` is a pytree of arrays with a common leading axis; every example
+    is passed to ``loss_fn`` as a batch of one (``jax.vmap`` over
+    ``jax.grad``).
+    """
+    return jax.vmap(lambda ex: jax.grad(loss_fn)(params, jax.tree.map(lambda a: a[None], ex)))(
+        batch
+    )
 
 
 class EpochStats(NamedTuple):
@@ -63,33 +82,25 @@ def _scan_steps(
     opt_state: Any,
     data: PyTree,
     batches: jax.Array,
-    aux: Any,
+    masks: PyTree,
+    term_args: Any,
     *,
     loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
-    flags: tuple[bool, ...],
-    kind: str,
+    grad_term: GradTerm | None,
 ) -> tuple[PyTree, Any, jax.Array]:
     """One optimizer step per row of ``batches`` (example indices), in a ``lax.scan``."""
-    treedef = jax.tree.structure(params)
 
     def touch_grads(grads: PyTree, params: PyTree) -> PyTree:
-        if kind == "admm":
-            z, u, rho, *metric = aux  # metric: optional penalty weights d (per leaf or per weight)
-            g, w, zz, uu = (treedef.flatten_up_to(t) for t in (grads, params, z, u))
-            d = treedef.flatten_up_to(metric[0]) if metric else [None] * len(g)
-            out = [
-                (gi + (rho if di is None else rho * di) * (wi - zi + ui)) if f else gi
-                for gi, wi, zi, ui, di, f in zip(g, w, zz, uu, d, flags, strict=True)
-            ]
-            return jax.tree.unflatten(treedef, out)
-        if kind == "masked":
-            return jax.tree.map(lambda gi, m: jnp.where(m, gi, 0), grads, aux)
+        if grad_term is not None:
+            grads = grad_term(grads, params, term_args)
+        if masks is not None:
+            return jax.tree.map(lambda gi, m: jnp.where(m, gi, 0), grads, masks)
         return grads
 
     def touch_updates(updates: PyTree) -> PyTree:
-        if kind == "masked":
-            return jax.tree.map(lambda ui, m: jnp.where(m, ui, 0), updates, aux)
+        if masks is not None:
+            return jax.tree.map(lambda ui, m: jnp.where(m, ui, 0), updates, masks)
         return updates
 
     def step(carry: tuple[PyTree, Any], idx: jax.Array) -> tuple[tuple[PyTree, Any], jax.Array]:
@@ -115,19 +126,19 @@ def shuffled_batches(data: PyTree, key: jax.Array, batch_size: int) -> jax.Array
     return jax.random.permutation(key, n)[: steps * batch_size].reshape(steps, batch_size)
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "optimizer", "batch_size", "flags", "kind"))
+@functools.partial(jax.jit, static_argnames=("loss_fn", "optimizer", "batch_size", "grad_term"))
 def _epoch(
     params: PyTree,
     opt_state: Any,
     data: PyTree,
     key: jax.Array,
-    aux: Any,
+    masks: PyTree,
+    term_args: Any,
     *,
     loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
     batch_size: int,
-    flags: tuple[bool, ...],
-    kind: str,
+    grad_term: GradTerm | None,
 ) -> tuple[PyTree, Any, jax.Array]:
     perm = shuffled_batches(data, key, batch_size)
     params, opt_state, losses = _scan_steps(
@@ -135,16 +146,16 @@ def _epoch(
         opt_state,
         data,
         perm,
-        aux,
+        masks,
+        term_args,
         loss_fn=loss_fn,
         optimizer=optimizer,
-        flags=flags,
-        kind=kind,
+        grad_term=grad_term,
     )
     return params, opt_state, jnp.mean(losses)
 
 
-_steps = jax.jit(_scan_steps, static_argnames=("loss_fn", "optimizer", "flags", "kind"))
+_steps = jax.jit(_scan_steps, static_argnames=("loss_fn", "optimizer", "grad_term"))
 
 
 def run_steps(
@@ -155,26 +166,27 @@ def run_steps(
     *,
     loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
-    kind: str = "plain",
-    aux: Any = None,
-    flags: tuple[bool, ...] = (),
+    masks: PyTree | None = None,
+    grad_term: GradTerm | None = None,
+    term_args: Any = None,
 ) -> tuple[PyTree, Any, jax.Array]:
     """Steps on the given minibatches (rows of example indices), jit-compiled.
 
     For solvers that act between steps within an epoch (e.g. projected SGD
-    projecting every few batches); ``kind``/``aux``/``flags`` as in
-    :func:`run_epoch`. Returns the params, optimizer state and per-step losses.
+    projecting every few batches); ``masks``/``grad_term``/``term_args`` as
+    in :func:`run_epoch`. Returns the params, optimizer state and per-step
+    losses.
     """
     return _steps(
         params,
         opt_state,
         data,
         batches,
-        aux,
+        masks,
+        term_args,
         loss_fn=loss_fn,
         optimizer=optimizer,
-        flags=tuple(flags),
-        kind=kind,
+        grad_term=grad_term,
     )
 
 
@@ -187,9 +199,10 @@ def run_epoch(
     loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
     batch_size: int,
-    kind: str = "plain",
-    aux: Any = None,
-    flags: tuple[bool, ...] = (),
+    masks: PyTree | None = None,
+    grad_term: GradTerm | None = None,
+    term_args: Any = None,
+    phase: str = "training",
 ) -> tuple[PyTree, Any, EpochStats]:
     """One pass over ``data`` in shuffled minibatches (the last partial batch dropped).
 
@@ -201,9 +214,12 @@ def run_epoch(
             hashable (a module-level function or a ``functools.partial``).
         optimizer: any ``optax.GradientTransformation``.
         batch_size: examples per step.
-        kind: ``"plain"``, ``"admm"`` (``aux = (Z, U, rho)`` or
-            ``(Z, U, rho, D)`` with D penalty weights (per leaf or per weight), ``flags`` the
-            prunable leaves) or ``"masked"`` (``aux`` the boolean masks).
+        masks: boolean pytree: masked training (pruned weights get exactly
+            zero gradient and update).
+        grad_term: hashable ``grad_term(grads, params, term_args) -> grads``
+            applied to every step's gradient (e.g. ADMM's penalty).
+        term_args: the arrays ``grad_term`` reads (traced, not static).
+        phase: named in the error when the loss goes non-finite.
 
     Returns:
         The new params and optimizer state, and the epoch's mean loss.
@@ -215,18 +231,18 @@ def run_epoch(
         opt_state,
         data,
         key,
-        aux,
+        masks,
+        term_args,
         loss_fn=loss_fn,
         optimizer=optimizer,
         batch_size=batch_size,
-        flags=tuple(flags),
-        kind=kind,
+        grad_term=grad_term,
     )
     loss = float(loss)  # waits for the epoch to finish
     seconds = time.perf_counter() - start
     if not math.isfinite(loss):
         raise FloatingPointError(
-            f"training loss became {loss} ({kind} epoch); lower the learning rate "
+            f"training loss became {loss} ({phase} epoch); lower the learning rate "
             "or, for ADMM, the initial rho."
         )
     return params, opt_state, EpochStats(loss, steps, seconds)
@@ -242,8 +258,8 @@ def train(
     batch_size: int = 128,
     key: jax.Array,
     masks: PyTree | None = None,
-    eval_fn: Callable[[PyTree], Mapping[str, float]] | None = None,
-    callback: Callable[[dict[str, Any]], None] | None = None,
+    eval_fn: EvalFn | None = None,
+    callback: Callback | None = None,
     phase: str = "train",
 ) -> tuple[PyTree, list[dict[str, Any]]]:
     """Trains ``params`` for ``epochs`` epochs; masked if ``masks`` is given.
@@ -271,8 +287,8 @@ def train(
             loss_fn=loss_fn,
             optimizer=optimizer,
             batch_size=batch_size,
-            kind="plain" if masks is None else "masked",
-            aux=masks,
+            masks=masks,
+            phase="plain" if masks is None else "masked",
         )
         record: dict[str, Any] = {
             "phase": phase,

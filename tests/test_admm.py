@@ -14,6 +14,11 @@ import pytest
 import admmprune
 from admmprune import (
     ADMM,
+    BudgetRamp,
+    DiagFisher,
+    Finetune,
+    Fisher,
+    GeometricRho,
     IterativeMagnitudePrune,
     MagnitudePrune,
     ParamBudget,
@@ -56,11 +61,10 @@ def test_admm_recovers_the_support_of_a_sparse_least_squares_problem(seed):
     solver = ADMM(
         budget=ParamBudget(count=5),
         optimizer=optax.adam(1e-2),
-        rho=1e-2,
-        rho_growth=1.2,
+        rho=GeometricRho(1e-2, 1.2),
         iterations=30,
         epochs_per_iteration=5,
-        retrain_epochs=20,
+        finetune=Finetune(epochs=20),
         batch_size=10,
     )
     result = solver.run(start, _ls_loss, data, key=jax.random.key(0))
@@ -79,11 +83,9 @@ def test_rho_schedule_and_dual_rescaling():
     solver = ADMM(
         budget=ParamBudget(count=5),
         optimizer=optax.sgd(1e-2),
-        rho=1e-2,
-        rho_growth=2.0,
-        rho_max=0.05,
+        rho=GeometricRho(1e-2, 2.0, 0.05),
         iterations=4,
-        retrain_epochs=0,
+        finetune=Finetune(epochs=0),
         batch_size=10,
     )
     state = solver.init(_dense_start(data), jax.random.key(0))
@@ -113,12 +115,10 @@ def test_tolerance_stops_early_and_reports_convergence():
     solver = ADMM(
         budget=ParamBudget(count=5),
         optimizer=optax.sgd(0.05),
-        rho=0.1,
-        rho_growth=1.3,
-        rho_max=10.0,
+        rho=GeometricRho(0.1, 1.3, 10.0),
         iterations=50,
         epochs_per_iteration=20,
-        retrain_epochs=0,
+        finetune=Finetune(epochs=0),
         batch_size=40,
         tol=1e-3,
     )
@@ -136,10 +136,9 @@ def test_resume_from_a_checkpointed_state_is_deterministic(checkpoint_at):
     solver = ADMM(
         budget=ParamBudget(count=5),
         optimizer=optax.adam(1e-2),
-        rho=1e-2,
-        rho_growth=1.3,
+        rho=GeometricRho(1e-2, 1.3),
         iterations=6,
-        retrain_epochs=2,
+        finetune=Finetune(epochs=2),
         batch_size=10,
     )
     keep_third, saved = checkpoint_at(3)
@@ -221,7 +220,9 @@ def _mlp_loss(p, batch):
 @pytest.mark.parametrize(
     "solver",
     [
-        MagnitudePrune(ParamBudget(keep=0.1), optax.adam(1e-2), retrain_epochs=2, batch_size=64),
+        MagnitudePrune(
+            ParamBudget(keep=0.1), optax.adam(1e-2), finetune=Finetune(epochs=2), batch_size=64
+        ),
         IterativeMagnitudePrune(
             ParamBudget(keep=0.1), optax.adam(1e-2), rounds=3, epochs_per_round=1, batch_size=64
         ),
@@ -229,7 +230,7 @@ def _mlp_loss(p, batch):
             ParamBudget(keep=0.1, allocation="uniform"),
             optax.adam(1e-2),
             iterations=2,
-            retrain_epochs=1,
+            finetune=Finetune(epochs=1),
             batch_size=64,
         ),
     ],
@@ -271,7 +272,7 @@ def test_bad_solver_settings_are_rejected():
     with pytest.raises(ValueError, match="rho must be positive"):
         ADMM(ParamBudget(keep=0.1), optax.sgd(0.1), rho=0.0)
     with pytest.raises(ValueError, match="rho_growth must be >= 1"):
-        ADMM(ParamBudget(keep=0.1), optax.sgd(0.1), rho_growth=0.5)
+        ADMM(ParamBudget(keep=0.1), optax.sgd(0.1), rho=GeometricRho(1e-3, 0.5))
     params, data = _small_classifier()
     with pytest.raises(ValueError, match="batch_size=1000 exceeds the 512 training examples"):
         ADMM(ParamBudget(keep=0.1), optax.sgd(0.1), batch_size=1000).run(
@@ -289,11 +290,12 @@ def test_checkpoint_rejects_a_mismatched_template(tmp_path):
 
 @pytest.mark.parametrize("metric", ["fisher", "diag_fisher"])
 def test_fisher_metric_matches_per_example_gradients(metric):
+    kinds = {"fisher": Fisher, "diag_fisher": DiagFisher}
     """d against the oracle: per-example gradients one at a time, squared and averaged."""
     data, _ = _sparse_least_squares(0, n=64, d=12)
     params = {"w": jnp.asarray(np.random.default_rng(1).standard_normal((12, 1)), jnp.float32)}
-    solver = ADMM(ParamBudget(count=4), optax.sgd(0.1), metric=metric, metric_examples=64)
-    d = solver.fisher_metric(params, _ls_loss, data, jax.random.key(0))["w"]
+    solver = ADMM(ParamBudget(count=4), optax.sgd(0.1), metric=kinds[metric](examples=64))
+    d = solver.metric_weights(params, _ls_loss, data, jax.random.key(0))["w"]
     x, y = (np.asarray(a, np.float64) for a in data)
     w = np.asarray(params["w"][:, 0], np.float64)
     grads = 0.5 * 2 * (x @ w - y)[:, None] * x  # d/dw of 0.5 (x.w - y)^2, one row per example
@@ -306,7 +308,7 @@ def test_diag_fisher_projection_keeps_the_largest_saliency():
     """With a per-weight metric the Z-step keeps the top-k of d_i w_i^2 (OBD), not of |w_i|."""
     w = jnp.asarray([[3.0], [2.0], [1.0], [0.5]])
     d = {"w": jnp.asarray([[0.01], [1.0], [4.5], [64.0]])}  # saliencies 0.09, 4, 4.5, 16
-    solver = ADMM(ParamBudget(count=2), optax.sgd(0.1), metric="diag_fisher")
+    solver = ADMM(ParamBudget(count=2), optax.sgd(0.1), metric=DiagFisher())
     state = solver.init({"w": w}, jax.random.key(0), d)
     assert np.flatnonzero(np.asarray(state.z["w"][:, 0])).tolist() == [2, 3]
     _, masks = solver.hard_prune(state)
@@ -322,10 +324,9 @@ def test_a_run_in_a_fisher_metric_resumes_from_its_checkpoint(checkpoint_at, met
         optax.adam(1e-2),
         rho=1e-2,
         iterations=4,
-        retrain_epochs=1,
+        finetune=Finetune(epochs=1),
         batch_size=10,
-        metric=metric,
-        metric_examples=40,
+        metric={"fisher": Fisher, "diag_fisher": DiagFisher}[metric](examples=40),
     )
     keep_second, saved = checkpoint_at(2)
     start = _dense_start(data)
@@ -344,12 +345,11 @@ def test_progressive_admm_moves_the_budget_from_dense_to_the_target():
     solver = ADMM(
         ParamBudget(count=5),
         optax.adam(1e-2),
-        rho=1e-2,
-        rho_growth=1.2,
+        rho=GeometricRho(1e-2, 1.2),
         iterations=6,
-        retrain_epochs=0,
+        finetune=Finetune(epochs=0),
         batch_size=10,
-        decay_iterations=4,
+        budget_ramp=BudgetRamp(4),
     )
     start = _dense_start(data)
     state = solver.init(start, jax.random.key(0))
@@ -366,7 +366,7 @@ def test_progressive_admm_moves_the_budget_from_dense_to_the_target():
     result = solver.run(start, _ls_loss, data, key=jax.random.key(0))
     assert int(np.count_nonzero(np.asarray(result.params["w"]))) == 5
     with pytest.raises(ValueError, match="decay_iterations"):
-        ADMM(ParamBudget(count=5), optax.sgd(0.1), decay_iterations=-1)
+        ADMM(ParamBudget(count=5), optax.sgd(0.1), budget_ramp=BudgetRamp(-1))
 
 
 def test_a_decaying_budget_is_not_mistaken_for_convergence():
@@ -374,15 +374,16 @@ def test_a_decaying_budget_is_not_mistaken_for_convergence():
     must not stop the run (and skip to the hard prune) before the target is reached."""
     data, _ = _sparse_least_squares(seed=5)
     solver = ADMM(
-        ParamBudget(count=5), optax.adam(1e-2), rho=1e-2, iterations=8, retrain_epochs=0,
-        batch_size=10, decay_iterations=5, tol=10.0,  # any residual passes the test
+        ParamBudget(count=5), optax.adam(1e-2), rho=1e-2, iterations=8,
+        finetune=Finetune(epochs=0), batch_size=10, budget_ramp=BudgetRamp(5),
+        tol=10.0,  # any residual passes the test
     )  # fmt: skip
     result = solver.run(_dense_start(data), _ls_loss, data, key=jax.random.key(0))
     records = result.records("admm")
     assert len(records) == 5 and records[-1]["budget_progress"] == 1.0
     assert result.converged is True
-    with pytest.raises(ValueError, match="decay_iterations=9 exceeds iterations=8"):
-        dataclasses.replace(solver, decay_iterations=9)
+    with pytest.raises(ValueError, match="has not reached the target by the last of iterations=8"):
+        dataclasses.replace(solver, budget_ramp=BudgetRamp(9))
 
 
 def test_quick_recipes_scale_the_budget_decay_with_the_iterations():

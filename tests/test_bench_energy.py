@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from admmprune import bench_energy
-from admmprune.bench_energy import check_targets, markdown_table, summarize
+from admmprune.bench import energy as bench_energy
+from admmprune.bench.energy import check_targets, markdown_table, summarize
 from admmprune.recipes import SCHEMA, load_recipe
 
 RECIPE = Path(__file__).parents[1] / "solvers" / "lenet5_energy_12pct.toml"

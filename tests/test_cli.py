@@ -219,7 +219,7 @@ def test_overrides_are_validated_too(tmp_path, capsys):
 def test_shipped_recipes_are_valid(path):
     recipe = load_recipe(path)
     assert recipe.name == path.stem
-    from admmprune.cli import total_epochs
+    from admmprune.progress import total_epochs
 
     assert total_epochs(recipe.scaled(0.1)) < total_epochs(recipe) / 5
     from admmprune.runner import make_solver, validate
@@ -229,7 +229,7 @@ def test_shipped_recipes_are_valid(path):
 
 
 def test_energy_recipes_compare_at_equal_epochs():
-    from admmprune.cli import total_epochs
+    from admmprune.progress import total_epochs
 
     for pct in (20, 12, 8, 7):
         admm = load_recipe(f"solvers/lenet5_energy_{pct}pct.toml")
@@ -241,7 +241,7 @@ def test_energy_recipes_compare_at_equal_epochs():
 
 
 def test_equal_epoch_recipes_really_are_equal():
-    from admmprune.cli import total_epochs
+    from admmprune.progress import total_epochs
 
     for pct in ("1pct", "2pct"):
         epochs = {

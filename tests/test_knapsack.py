@@ -47,7 +47,7 @@ def test_greedy_is_feasible_and_bounded_by_the_lp(values, costs, cap):
 
 
 def test_greedy_gap_to_exact_is_small_on_random_instances():
-    from admmprune.bench_energy import greedy_gaps
+    from admmprune.bench.energy import greedy_gaps
 
     g = greedy_gaps(instances=25, seed=1)
     assert g["median_gap"] < 1e-3 and g["mean_gap"] < 0.05
@@ -158,14 +158,15 @@ def test_projected_sgd_and_energy_admm_meet_the_budget():
         optax.sgd(1e-2, momentum=0.9),
         projected_epochs=3,
         decay_epochs=2,
-        retrain_epochs=1,
+        finetune=ap.Finetune(epochs=1),
         batch_size=64,
     )
     res = psgd.run(params, loss_fn, data, key=jax.random.key(0))
     assert res.epochs == 4 and model.energy(res.params) <= budget.target()
     admm = ap.ADMM(
-        budget, optax.adam(1e-2), iterations=3, retrain_epochs=1, batch_size=64, metric="fisher"
-    )
+        budget, optax.adam(1e-2), iterations=3, finetune=ap.Finetune(epochs=1), batch_size=64,
+        metric=ap.Fisher(),
+    )  # fmt: skip
     res = admm.run(params, loss_fn, data, key=jax.random.key(0))
     assert model.energy(res.params) <= budget.target()
     rec = res.records("admm")[-1]
@@ -178,7 +179,7 @@ def test_projected_sgd_and_energy_admm_meet_the_budget():
 
 
 def test_blind_tuning_steps_toward_the_budget():
-    from admmprune.bench_energy import next_count
+    from admmprune.bench.energy import next_count
 
     # Proportional on the energy above the floor: halfway over -> about 2/3 the count.
     a = [{"count": 900, "energy": 16.0}]

@@ -108,7 +108,7 @@ def test_admm_prunes_a_lenet_end_to_end_on_a_tiny_set():
         admmprune.ParamBudget(keep=0.02),
         optax.adam(1e-3),
         iterations=2,
-        retrain_epochs=1,
+        finetune=admmprune.Finetune(epochs=1),
         batch_size=64,
     )
     result = solver.run(params, cross_entropy_loss(apply), data, key=jax.random.key(0))

@@ -12,10 +12,11 @@ import optax
 import pytest
 from flax import nnx
 
-from admmprune import ADMM, ParamBudget, obs
+from admmprune import ADMM, Finetune, GeometricRho, ParamBudget, obs
 from admmprune.budgets import BudgetError
 from admmprune.data import synthetic_classification
-from admmprune.energy import EnergyBudget, LayerCost, LinearEnergy
+from admmprune.energy import LayerCost, LinearEnergy
+from admmprune.energy_budget import EnergyBudget
 from admmprune.models import accuracy, cross_entropy_loss, split_nnx
 from admmprune.oneshot import OneShotPrune, allocate, count_grid
 from admmprune.training import train
@@ -174,10 +175,11 @@ def test_global_obs_meets_the_count_and_beats_global_magnitude(trained):
 
 
 def test_global_obs_refuses_an_energy_budget(trained):
-    model = trained[0]
+    model, params, _, loss, data = trained
     energy = LinearEnergy((LayerCost("fc1/kernel", 0.0, 1.0, 1.0, 0.0, 384),))
-    with pytest.raises(ValueError, match="parameter budget"):
-        OneShotPrune(EnergyBudget(energy, fraction=0.5), model, method="global_obs")
+    solver = OneShotPrune(EnergyBudget(energy, fraction=0.5), model, method="global_obs")
+    with pytest.raises(ValueError, match="parameter budget"):  # asked of the budget's pricing
+        solver.run(params, loss, data, key=jax.random.key(0))
 
 
 def test_compensated_hard_prune_fits_the_unpruned_outputs_better(trained):
@@ -199,9 +201,8 @@ def test_compensated_hard_prune_fits_the_unpruned_outputs_better(trained):
         budget=ParamBudget(keep=0.2),
         optimizer=optax.adam(1e-3),
         iterations=2,
-        retrain_epochs=1,
+        finetune=Finetune(epochs=1, compensate=obs.compensator(model, x)),
         batch_size=64,
-        compensate=obs.compensator(model, x),
     )
     ev = {"accuracy": lambda p: accuracy(apply, p, *data)}
     res = solver.run(
@@ -216,10 +217,10 @@ def test_compensated_hard_prune_fits_the_unpruned_outputs_better(trained):
 
 
 def test_admm_with_an_obs_allocation_keeps_its_counts_and_the_energy_budget(trained, checkpoint_at):
-    """ADMM(allocate=obs_allocation(...)): the Z-step and the hard prune keep exactly the
+    """ADMM on obs_allocation(...)(params): the Z-step and the hard prune keep exactly the
     allocated count in every layer; the counts are the one-shot allocation's; the energy
     budget holds; the description is the energy budget's plus the counts; a resumed run
-    (dense params passed again) ends bit-identical."""
+    ends bit-identical."""
     from admmprune import LayerAllocation, load_checkpoint, obs_allocation
 
     model, params, _, loss, data = trained
@@ -232,8 +233,8 @@ def test_admm_with_an_obs_allocation_keeps_its_counts_and_the_energy_budget(trai
     want = OneShotPrune(budget, model, allocation="obs", curve_points=8).counts(params, x)
     assert dict(allocated.counts) == want
     solver = ADMM(
-        budget, optax.adam(3e-3), rho=1e-2, rho_growth=1.3, iterations=4, retrain_epochs=1,
-        batch_size=64, allocate=allocate_fn,
+        allocated, optax.adam(3e-3), rho=GeometricRho(1e-2, 1.3), iterations=4,
+        finetune=Finetune(epochs=1), batch_size=64,
     )  # fmt: skip
     keep_second, saved = checkpoint_at(2)
     res = solver.run(params, loss, data, key=jax.random.key(2), on_iteration=keep_second)
@@ -248,5 +249,3 @@ def test_admm_with_an_obs_allocation_keeps_its_counts_and_the_energy_budget(trai
     )
     for a, b in zip(jax.tree.leaves(res.params), jax.tree.leaves(again.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    with pytest.raises(ValueError, match="dense params"):
-        solver.run(None, loss, data, key=jax.random.key(2), state=state)

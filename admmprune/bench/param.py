@@ -1,7 +1,7 @@
-"""The benchmark set: ADMM against magnitude pruning, at equal epochs, on MNIST.
+"""The parameter-budget suite: ADMM against magnitude pruning, at equal epochs, on MNIST.
 
-    admmprune bench --out runs/bench            # the full set (about half an hour on 2 CPU cores)
-    admmprune bench --quick --out runs/quick    # reduced set, epochs / 10 (a few minutes)
+    admmprune bench --suite param --out runs/bench          # the full set (half an hour, 2 CPUs)
+    admmprune bench --suite param --quick --out runs/quick  # epochs / 10 (a few minutes)
 
 Every run is a recipe in ``solvers/``, so any row can be rerun alone with
 ``admmprune solve``. Writes ``DIR/<recipe>/report.json`` per run, and
@@ -12,17 +12,20 @@ training epoch.
 
 from __future__ import annotations
 
-import datetime
-import json
-import platform
 import statistics
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
 
+from admmprune.bench.tables import (
+    measured_line,
+    results_header,
+    target,
+    targets_table,
+    write_results,
+)
 from admmprune.recipes import load_recipe
 
 FULL = (
@@ -114,7 +117,7 @@ def run_benchmark(
     only: list[str] | None = None,
 ) -> dict[str, Any]:
     """Runs the set, writing one report per run, ``results.json`` and ``results.md``."""
-    from admmprune.cli import Progress, total_epochs
+    from admmprune.progress import Progress, total_epochs
     from admmprune.runner import solve, validate
 
     names = [n for n in (QUICK if quick else FULL) if not only or any(o in n for o in only)]
@@ -144,49 +147,6 @@ def run_benchmark(
     results = results_header("admmprune bench", quick, started)
     results |= {"runs": rows, "timing": timing, "targets": check_targets(rows, timing)}
     return write_results(out, results, markdown_table, quiet)
-
-
-def results_header(command: str, quick: bool, started: float) -> dict[str, Any]:
-    """What every suite's ``results.json`` opens with: command, date, device, wall time."""
-    return {
-        "command": command + (" --quick" if quick else ""),
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()}), {platform.machine()}",
-        "quick": quick,
-        "total_wall_seconds": time.perf_counter() - started,
-    }
-
-
-def write_results(
-    out: Path, results: dict[str, Any], table: Callable[[dict[str, Any]], str], quiet: bool
-) -> dict[str, Any]:
-    """Writes ``results.json`` and ``results.md`` (``table(results)``) into ``out``."""
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(table(results))
-    if not quiet:
-        print(table(results))
-    return results
-
-
-def target(what: str, measured: str, met: bool) -> dict[str, Any]:
-    """One row of a suite's targets: the floor, the measured figure, whether it is met."""
-    return {"target": what, "measured": measured, "met": bool(met)}
-
-
-def measured_line(results: dict[str, Any]) -> str:
-    """``Measured <date> on <device> by `<command>` (<N> min in all).``"""
-    return (
-        f"Measured {results['date']} on {results['device']} by `{results['command']}` "
-        f"({results['total_wall_seconds'] / 60:.0f} min in all)."
-    )
-
-
-def targets_table(targets: list[dict[str, Any]]) -> list[str]:
-    """The markdown rows of a suite's target table."""
-    lines = ["", "| target | measured | met |", "|---|---|---|"]
-    for t in targets:
-        lines.append(f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'} |")
-    return lines
 
 
 def check_targets(rows: list[dict[str, Any]], timing: list[dict[str, Any]]) -> list[dict]:

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from admmprune.bench import (
+from admmprune.bench.tables import (
     measured_line,
     results_header,
     target,
@@ -74,7 +74,7 @@ def solve_or_reuse(recipe: Recipe, out: Path, *, label: str, quiet: bool, plots:
     """
     import json
 
-    from admmprune.cli import Progress, total_epochs
+    from admmprune.progress import Progress, total_epochs
     from admmprune.runner import solve
 
     done = out / "report.json"
@@ -229,13 +229,9 @@ def time_projection(sizes: tuple[int, ...] = (10**6, 10**7), repeats: int = 5) -
     from flax import nnx
 
     from admmprune.budgets import ParamBudget
-    from admmprune.energy import (
-        AcceleratorEnergy,
-        EnergyBudget,
-        LayerCost,
-        LinearEnergy,
-        layer_shapes,
-    )
+    from admmprune.energy import AcceleratorEnergy, LayerCost, LinearEnergy
+    from admmprune.energy_budget import EnergyBudget
+    from admmprune.layers import layer_shapes
     from admmprune.models import LeNet5
 
     base = AcceleratorEnergy(layer_shapes(LeNet5(nnx.Rngs(0)), (28, 28, 1))).costs()

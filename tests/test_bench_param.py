@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from admmprune.bench import FULL, QUICK, check_targets, markdown_table
+from admmprune.bench.param import FULL, QUICK, check_targets, markdown_table
 
 
 def _row(model, method, kept, error):

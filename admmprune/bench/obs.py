@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from admmprune.bench import (
+from admmprune.bench.tables import (
     measured_line,
     results_header,
     target,
@@ -117,9 +117,9 @@ def run_obs_benchmark(
     from flax import nnx
 
     from admmprune.budgets import ParamBudget
-    from admmprune.cli import Progress, total_epochs
     from admmprune.models import MODELS, accuracy, cross_entropy_loss
     from admmprune.oneshot import OneShotPrune
+    from admmprune.progress import Progress, total_epochs
     from admmprune.runner import dense_params, load_data, solve
 
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,64 @@
+"""What every benchmark suite's results share: the header, the files, the target rows.
+
+``results.json`` opens with :func:`results_header`; :func:`write_results`
+writes it and ``results.md``; each suite's targets are :func:`target` rows,
+shown by :func:`targets_table` under a :func:`measured_line`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+
+
+def results_header(command: str, quick: bool, started: float) -> dict[str, Any]:
+    """What every suite's ``results.json`` opens with: command, date, device, wall time."""
+    return {
+        "command": command + (" --quick" if quick else ""),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()}), {platform.machine()}",
+        "quick": quick,
+        "total_wall_seconds": time.perf_counter() - started,
+    }
+
+
+def write_results(
+    out: Path, results: dict[str, Any], table: Callable[[dict[str, Any]], str], quiet: bool
+) -> dict[str, Any]:
+    """Writes ``results.json`` and ``results.md`` (``table(results)``) into ``out``."""
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(table(results))
+    if not quiet:
+        print(table(results))
+    return results
+
+
+def target(what: str, measured: str, met: bool) -> dict[str, Any]:
+    """One row of a suite's targets: the floor, the measured figure, whether it is met."""
+    return {"target": what, "measured": measured, "met": bool(met)}
+
+
+def measured_line(results: dict[str, Any]) -> str:
+    """``Measured <date> on <device> by `<command>` (<N> min in all).``"""
+    return (
+        f"Measured {results['date']} on {results['device']} by `{results['command']}` "
+        f"({results['total_wall_seconds'] / 60:.0f} min in all)."
+    )
+
+
+def targets_table(targets: list[dict[str, Any]]) -> list[str]:
+    """The markdown rows of a suite's target table."""
+    lines = ["", "| target | measured | met |", "|---|---|---|"]
+    for t in targets:
+        lines.append(f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'} |")
+    return lines
+
+
+__all__ = ["measured_line", "results_header", "target", "targets_table", "write_results"]
