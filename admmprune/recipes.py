@@ -454,9 +454,10 @@ def parse_recipe(raw: Mapping[str, Any], *, name: str, path: str | None = None) 
         parsed[section] = out
     parsed["problem"]["name"] = parsed["problem"]["name"] or name
     if custom:
-        _import_path(parsed["budget"]["type"])  # fails now, naming the path, if it cannot load
         _check_energy_section(parsed["energy"])
-        return Recipe(**parsed, path=path)
+        recipe = Recipe(**parsed, path=path)
+        recipe.budget_object()  # a user budget's own checks of its settings, before any work
+        return recipe
     kind = parsed["budget"]["type"]
     given = [k for k in BUDGET_KINDS if parsed["budget"][k] is not None]
     if kind is not None and kind != _budget_type({**parsed["budget"], "type": None}):

@@ -30,7 +30,6 @@ size of LeNet-300-100 (266k weights: 2,080 blocks of 128).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -39,8 +38,7 @@ from jax.scipy.linalg import cho_factor, cho_solve
 
 from admmprune._tree import PyTree, apply_masks
 from admmprune.projections import topk_mask_flat
-
-LossFn = Callable[[PyTree, Any], jax.Array]
+from admmprune.training import LossFn, per_example_grads
 
 
 def _flat_prunable(params: PyTree, flags: list[bool]) -> tuple[jax.Array, list[Any]]:
@@ -65,12 +63,10 @@ def _per_example_grads(
     loss_fn: LossFn, params: PyTree, flags: list[bool], x: jax.Array, y: jax.Array
 ) -> jax.Array:
     """``(n, P)``: each example's gradient with respect to the prunable weights."""
-
-    def one(xi: jax.Array, yi: jax.Array) -> jax.Array:
-        g = jax.grad(loss_fn)(params, (xi[None], yi[None]))
-        return _flat_prunable(g, flags)[0]
-
-    return jax.vmap(one)(x, y)
+    g = jax.tree.leaves(per_example_grads(loss_fn, params, (x, y)))
+    return jnp.concatenate(
+        [a.reshape(a.shape[0], -1) for a, f in zip(g, flags, strict=True) if f], 1
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "flags", "block"))

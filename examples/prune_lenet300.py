@@ -73,13 +73,15 @@ def main() -> None:
     solver = admmprune.ADMM(
         budget=admmprune.ParamBudget(keep=args.keep),
         optimizer=optax.adam(1e-3),
-        rho=1e-4,  # small at first so W keeps learning, then grown until W meets Z
-        rho_growth=1.15,
+        # small at first so W keeps learning, then grown until W meets Z
+        rho=admmprune.GeometricRho(1e-4, growth=1.15),
         iterations=args.admm_iterations,
         epochs_per_iteration=1,
-        retrain_epochs=args.retrain_epochs,
-        retrain_optimizer=optax.adam(
-            optax.cosine_decay_schedule(1e-3, args.retrain_epochs * (60_000 // 128))
+        finetune=admmprune.Finetune(
+            epochs=args.retrain_epochs,
+            optimizer=optax.adam(
+                optax.cosine_decay_schedule(1e-3, args.retrain_epochs * (60_000 // 128))
+            ),
         ),
         batch_size=128,
     )

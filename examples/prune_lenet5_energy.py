@@ -71,19 +71,15 @@ def main() -> None:
             )
 
     # Per-layer counts from OBS loss curves on 4096 calibration images, priced in energy.
-    allocate = (
-        admmprune.obs_allocation(budget, LeNet5(nnx.Rngs(0)), train_data[0][:4096])
-        if args.allocation == "obs"
-        else None
-    )
+    if args.allocation == "obs":  # per-layer counts from OBS loss curves, once, before ADMM
+        calibration = train_data[0][:4096]
+        budget = admmprune.obs_allocation(budget, LeNet5(nnx.Rngs(0)), calibration)(params)
     solver = admmprune.ADMM(
         budget=budget,
         optimizer=optax.adam(1e-3),
-        rho=1e-4,
-        rho_growth=1.3,
+        rho=admmprune.GeometricRho(1e-4, growth=1.3),
         iterations=args.admm_iterations,
-        retrain_epochs=args.retrain_epochs,
-        allocate=allocate,
+        finetune=admmprune.Finetune(epochs=args.retrain_epochs),
     )
     result = solver.run(params, loss_fn, train_data, key=jax.random.key(1), callback=show)
     print(result.summary())

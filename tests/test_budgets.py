@@ -107,3 +107,187 @@ def test_per_layer_constrains_only_the_named_leaves():
     assert b.prunable(TREE) == [False, False, False, True]  # fc1/bias, fc1/kernel, fc2/...
     with pytest.raises(BudgetError, match="per_layer= already says where"):
         ParamBudget(per_layer={"fc2": 3}, allocation="uniform")
+
+
+# ---------------------------------------------------------------------------
+# A budget defined outside the library: the protocol is the whole seam.
+
+
+class RowTopK:
+    """Keep the ``k`` largest weights of every row (output unit) of every kernel.
+
+    For a flax ``(in, out)`` kernel a row of the layer matrix ``W`` is a
+    column of the kernel; the Euclidean projection keeps each column's ``k``
+    largest magnitudes. Its figure is the largest row count of a network.
+    """
+
+    def __init__(self, k: int, progress: float = 1.0) -> None:
+        if not isinstance(k, int) or k < 0:
+            raise BudgetError(f"RowTopK: k must be a non-negative integer, got {k!r}.")
+        self.k, self.progress = k, progress
+
+    def prunable(self, params):
+        import jax
+
+        return [np.ndim(a) == 2 for a in jax.tree.leaves(params)]
+
+    def _k(self, rows_in: int) -> int:
+        return round(rows_in * (self.k / rows_in) ** self.progress) if self.k else 0
+
+    def project(self, params):
+        import jax
+        import jax.numpy as jnp
+
+        from admmprune import Projection
+
+        def mask(a, f):
+            if not f:
+                return jnp.ones(np.shape(a), bool)
+            k = self._k(a.shape[0])
+            order = jnp.argsort(-jnp.abs(a), axis=0, stable=True)
+            rank = jnp.argsort(order, axis=0, stable=True)
+            return rank < k
+
+        leaves, treedef = jax.tree.flatten(params)
+        flags = self.prunable(params)
+        masks = [mask(a, f) for a, f in zip(leaves, flags, strict=True)]
+        projected = [jnp.where(m, a, 0) for a, m in zip(leaves, masks, strict=True)]
+        return Projection(jax.tree.unflatten(treedef, masks), self.measure(projected))
+
+    def measure(self, params):
+        import jax
+
+        rows = [
+            int(np.max(np.count_nonzero(np.asarray(a), axis=0)))
+            for a, f in zip(jax.tree.leaves(params), self.prunable(params), strict=True)
+            if f
+        ]
+        return {"max_row_nonzero": float(max(rows))}
+
+    def check(self, params):
+        import jax
+
+        smallest = min(
+            a.shape[0]
+            for a, f in zip(jax.tree.leaves(params), self.prunable(params), strict=True)
+            if f
+        )
+        if self.k > smallest:
+            raise BudgetError(f"RowTopK: k={self.k} exceeds the {smallest} inputs; use k <= it.")
+
+    def relax(self, t):
+        return RowTopK(self.k, float(t))
+
+    def pricing(self, params):
+        raise BudgetError("RowTopK fixes every row's count; there is no total to divide.")
+
+    def describe(self):
+        return {"type": "row_topk", "k": self.k}
+
+
+def _row_problem():
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from admmprune.data import synthetic_classification
+    from admmprune.models import cross_entropy_loss, split_nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.fc1 = nnx.Linear(12, 16, rngs=rngs)
+            self.fc2 = nnx.Linear(16, 3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.fc2(jax.nn.relu(self.fc1(x)))
+
+    data = synthetic_classification(256, dim=12, classes=3, seed=1)
+    model = Net(nnx.Rngs(0))
+    params, apply = split_nnx(model)
+    return model, params, cross_entropy_loss(apply), (jnp.asarray(data.x), jnp.asarray(data.y))
+
+
+def _rows_within(params, k):
+    import jax
+
+    for a in jax.tree.leaves(params):
+        if np.ndim(a) == 2:
+            assert np.count_nonzero(np.asarray(a), axis=0).max() <= k
+
+
+def test_a_budget_defined_outside_the_library_runs_through_every_solver():
+    import jax
+    import optax
+
+    import admmprune
+
+    model, params, loss, data = _row_problem()
+    budget = RowTopK(3)
+    assert isinstance(budget, admmprune.Budget)  # the runtime protocol: nothing more needed
+    budget.check(params)
+    with pytest.raises(BudgetError, match="k=20 exceeds"):
+        RowTopK(20).check(params)
+    opt = optax.adam(1e-2)
+    finetune = admmprune.Finetune(epochs=1)
+    solvers = {
+        "admm": admmprune.ADMM(budget, opt, iterations=2, finetune=finetune, batch_size=64),
+        "magnitude": admmprune.MagnitudePrune(budget, opt, finetune=finetune, batch_size=64),
+        "projected_sgd": admmprune.ProjectedSGD(
+            budget, opt, projected_epochs=2, finetune=finetune, batch_size=64
+        ),
+        "oneshot_refit": admmprune.OneShotPrune(
+            budget, model, method="refit", calibration_examples=128
+        ),
+    }
+    for name, solver in solvers.items():
+        res = solver.run(params, loss, data, key=jax.random.key(0))
+        _rows_within(res.params, 3)
+        assert res.nonzero_weights == 3 * 16 + 3 * 3, name  # every row keeps exactly k
+        assert res.budget == {"type": "row_topk", "k": 3}, name
+        assert admmprune.in_budget(res.params, budget), name
+    admm = solvers["admm"].run(params, loss, data, key=jax.random.key(0))
+    assert admm.records("admm")[-1]["max_row_nonzero"] == 3.0  # the budget's figure of Z
+    psgd = solvers["projected_sgd"].run(params, loss, data, key=jax.random.key(0))
+    assert "max_row_nonzero" in psgd.records("projected")[-1]
+    # An OBS pruner that chooses its own masks at per-layer counts cannot honour per-row
+    # counts: it is refused rather than returning a network outside the set.
+    with pytest.raises(BudgetError, match="method='refit'"):
+        admmprune.OneShotPrune(budget, model, method="exact_obs", calibration_examples=128).run(
+            params, loss, data, key=jax.random.key(0)
+        )
+    with pytest.raises(BudgetError, match="no total to divide"):
+        admmprune.OneShotPrune(budget, model, allocation="obs", calibration_examples=128).run(
+            params, loss, data, key=jax.random.key(0)
+        )
+
+
+def test_a_recipe_reaches_a_user_budget_by_import_path(tmp_path, monkeypatch):
+    from admmprune.recipes import RecipeError, parse_recipe
+    from admmprune.runner import solve
+
+    monkeypatch.setenv("ADMMPRUNE_DATA_DIR", str(tmp_path / "cache"))
+    raw = {
+        "problem": {"model": "lenet300", "data": "synthetic", "seed": 0},
+        "data": {"synthetic_train": 256, "synthetic_test": 128},
+        "dense": {"epochs": 1},
+        "budget": {"type": "test_budgets:RowTopK", "k": 4},
+        "solver": {"method": "admm", "iterations": 1, "retrain_epochs": 1},
+    }
+    recipe = parse_recipe(raw, name="row_topk")
+    assert isinstance(recipe.budget_object(), RowTopK)
+    report = solve(recipe, tmp_path / "out", plots=False)
+    assert report["budget"] == {"type": "row_topk", "k": 4}
+    assert report["nonzero_weights"] == 4 * (300 + 100 + 10)
+    assert report["recipe"]["budget"] == {"type": "test_budgets:RowTopK", "k": 4}
+    with pytest.raises(RecipeError, match=r"cannot import 'nowhere\.mod:Nope'"):
+        parse_recipe({**raw, "budget": {"type": "nowhere.mod:Nope"}}, name="x")
+    with pytest.raises(RecipeError, match="not one of"):
+        parse_recipe({**raw, "budget": {"type": "rows"}}, name="x")
+    with pytest.raises(RecipeError, match="does not take"):
+        parse_recipe({**raw, "budget": {"type": "test_budgets:RowTopK", "kk": 4}}, name="x")
+    with pytest.raises(BudgetError, match="k=400 exceeds"):
+        from admmprune.runner import validate
+
+        validate(
+            parse_recipe({**raw, "budget": {"type": "test_budgets:RowTopK", "k": 400}}, name="x")
+        )

@@ -56,7 +56,7 @@ def time_epochs(recipe_path: Path, repeats: int = 5) -> dict[str, Any]:
     """
     import optax
 
-    from admmprune.admm import ADMM
+    from admmprune.admm import ADMM, Penalty
     from admmprune.models import cross_entropy_loss, init_model
     from admmprune.runner import load_data
     from admmprune.training import run_epoch
@@ -85,9 +85,8 @@ def time_epochs(recipe_path: Path, repeats: int = 5) -> dict[str, Any]:
             loss_fn=loss_fn,
             optimizer=opt,
             batch_size=bs,
-            kind="admm",
-            aux=(state.z, state.u, state.rho),
-            flags=flags,
+            grad_term=Penalty(flags),
+            term_args=(state.z, state.u, state.rho, None),
         )
         if i:
             plain.append(p.seconds)
