@@ -107,7 +107,7 @@ class AdmmState(NamedTuple):
         iteration: ADMM iterations completed (scalar int array).
         key: PRNG key for the next shuffles.
         metric: the penalty weights d, like params: one scalar per leaf for
-            ``metric="fisher"``, one per weight for ``metric="diag_fisher"``;
+            ``Fisher()``, one per weight for ``DiagFisher()``;
             None for the Euclidean metric.
     """
 

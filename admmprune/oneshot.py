@@ -127,7 +127,8 @@ def obs_allocation(
 ) -> Callable[[PyTree], LayerAllocation]:
     """``allocate(params)``: ``budget`` narrowed to per-layer counts from OBS loss curves.
 
-    For :class:`admmprune.ADMM`'s ``allocate=``: the counts minimize the
+    For ADMM, narrow the budget once from the dense params,
+    ``ADMM(budget=obs_allocation(...)(params), ...)``: the counts minimize the
     summed relative OBS reconstruction error of the layers at ``params``
     (the dense network) on the calibration inputs ``x`` under the budget
     (:func:`allocate`; energy budgets price each count in their own model),
@@ -242,7 +243,9 @@ class OneShotPrune:
         if self.allocation not in ("budget", "obs"):
             raise ValueError(f"allocation must be 'budget' or 'obs', got {self.allocation!r}.")
         if self.finetune.epochs and (self.finetune.optimizer or self.optimizer) is None:
-            raise ValueError("retrain_epochs > 0 needs an optimizer= for the retraining.")
+            raise ValueError(
+                "finetune.epochs > 0 needs Finetune(optimizer=...) or optimizer= to retrain."
+            )
         if self.calibration_examples < 1:
             raise ValueError("calibration_examples must be at least 1.")
 
