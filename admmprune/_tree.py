@@ -35,6 +35,11 @@ def leaf_names(tree: PyTree) -> list[str]:
     return [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
+def named_leaves(tree: PyTree) -> dict[str, Any]:
+    """``{name: leaf}`` for every leaf, in ``jax.tree.leaves`` order."""
+    return {path_name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def default_prunable(name: str, leaf: Any) -> bool:
     """Kernels and weight matrices are prunable; biases and norm scales are not.
 

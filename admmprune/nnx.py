@@ -21,17 +21,33 @@ from admmprune._tree import PyTree
 Apply = Callable[[PyTree, jax.Array], jax.Array]
 
 
-def split_nnx(model: nnx.Module) -> tuple[dict[str, Any], Apply]:
+def split_nnx(model: nnx.Module, *, train: bool | None = None) -> tuple[dict[str, Any], Apply]:
     """Splits an nnx module into plain parameters and a pure apply function.
+
+    The parameters are the module's ``nnx.Param`` variables and its
+    ``nnx.BatchStat`` ones (BatchNorm's running ``mean`` and ``var``): the
+    statistics travel with the weights, so a pruned network is saved, loaded
+    and exported whole. They get no gradient (a train-mode BatchNorm
+    normalizes with the batch's statistics and the eval-mode one is not
+    trained), and no budget prunes them (one-dimensional leaves); they are
+    measured on data by :func:`admmprune.models.calibrate`.
+
+    Args:
+        model: the module.
+        train: ``True`` for the training-mode function (BatchNorm on batch
+            statistics, dropout on), ``False`` for the inference one
+            (``model.eval()``: running statistics); ``None`` (default) keeps
+            the module's current mode. The module itself is not changed.
 
     Returns:
         ``(params, apply)``: ``params`` a nested dict of arrays
-        (``{"fc1": {"kernel": ..., "bias": ...}, ...}``) holding the module's
-        ``nnx.Param`` variables, and ``apply(params, x)`` that runs the module
-        with those parameters, pure and jit-traceable. ``apply`` is cached per
-        module so the solvers' jit caches hit across calls.
+        (``{"fc1": {"kernel": ..., "bias": ...}, ...}``), and ``apply(params, x)``
+        that runs the module with those parameters, pure and jit-traceable.
     """
-    graphdef, param_state, rest = nnx.split(model, nnx.Param, ...)
+    if train is not None:
+        model = nnx.clone(model)
+        model.train() if train else model.eval()
+    graphdef, param_state, rest = nnx.split(model, (nnx.Param, nnx.BatchStat), ...)
     params = nnx.to_pure_dict(param_state)
     return params, _make_apply(graphdef, param_state, rest)
 
@@ -47,7 +63,7 @@ def _make_apply(graphdef: Any, template: Any, rest: Any) -> Apply:
 
 def merge_nnx(model: nnx.Module, params: PyTree) -> nnx.Module:
     """Writes ``params`` (a pure dict from :func:`split_nnx`) back into ``model``."""
-    graphdef, param_state, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, param_state, rest = nnx.split(model, (nnx.Param, nnx.BatchStat), ...)
     nnx.replace_by_pure_dict(param_state, params)
     return nnx.merge(graphdef, param_state, rest)
 
