@@ -146,6 +146,67 @@ def _set(module: Any, attr: str, value: Any, prefix: str, small: dict[str, np.nd
     var.value = jnp.asarray(arr)
 
 
+def fresh_init(model: Any, seed: int) -> tuple[Any, PyTree]:
+    """A copy of ``model`` re-initialized from ``seed`` with flax's default initializers.
+
+    Kernels of ``Linear``/``Conv`` layers draw from LeCun normal (fan-in of
+    the layer as it now is, so a narrowed network gets a proper init), biases
+    are zero, BatchNorm starts at scale 1, shift 0, mean 0, variance 1. This
+    is the "train from scratch" start of Liu et al., ICLR 2019.
+    """
+    from flax import nnx
+
+    from admmprune.nnx import split_nnx
+
+    new = nnx.clone(model)
+    init = nnx.initializers.lecun_normal()
+    key = jax.random.key(seed)
+    for _, module in nnx.iter_modules(new):
+        if isinstance(module, nnx.Linear | nnx.Conv):
+            key, sub = jax.random.split(key)
+            k = module.kernel
+            k.value = init(sub, k.value.shape, k.value.dtype)
+            if module.bias is not None:
+                module.bias.value = jnp.zeros_like(module.bias.value)
+        elif isinstance(module, nnx.BatchNorm):
+            for leaf, fill in (("scale", 1.0), ("bias", 0.0), ("mean", 0.0), ("var", 1.0)):
+                v = getattr(module, leaf, None)
+                if v is not None:
+                    v.value = jnp.full_like(v.value, fill)
+    params, _ = split_nnx(new)
+    return new, params
+
+
+def uniform_masks(
+    structure: Structure, params: PyTree, macs: float, *, min_channels: int = 1
+) -> tuple[PyTree, float]:
+    """Every group narrowed by the same fraction, the widest that fits ``macs`` MACs.
+
+    The "predefined" architecture of Liu et al. (ICLR 2019): the dense
+    network uniformly thinner. Keeps the first ``ceil(f * size)`` channels of
+    every group (which ones does not matter for training from scratch) for the
+    largest ``f`` (bisection) whose MACs are at most ``macs``.
+
+    Returns:
+        ``(masks, f)``.
+    """
+
+    def counts(f: float) -> dict[str, int]:
+        return {
+            g.name: max(min(min_channels, g.size), int(np.ceil(f * g.size)))
+            for g in structure.groups
+        }
+
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if structure.macs(counts(mid)) <= macs else (lo, mid)
+    keep = {
+        n: np.arange(g.size) < counts(lo)[n] for n, g in ((g.name, g) for g in structure.groups)
+    }
+    return structure.masks(params, keep), lo
+
+
 # -- saving, loading, timing ---------------------------------------------------
 
 
@@ -179,9 +240,7 @@ def save_compact(
     (out / "compact.jaxexport").write_bytes(exported.serialize())
     meta = {
         "input_shape": list(input_shape),
-        "leaves": {
-            n: list(np.shape(a)) for n, a in named_leaves(params).items()
-        },
+        "leaves": {n: list(np.shape(a)) for n, a in named_leaves(params).items()},
         **(info or {}),
     }
     (out / "compact.json").write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n")
@@ -260,4 +319,13 @@ def compare_latency(
     return out
 
 
-__all__ = ["compact", "compare_latency", "kept_indices", "latency", "load_compact", "save_compact"]
+__all__ = [
+    "compact",
+    "compare_latency",
+    "fresh_init",
+    "kept_indices",
+    "latency",
+    "load_compact",
+    "save_compact",
+    "uniform_masks",
+]

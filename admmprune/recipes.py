@@ -40,13 +40,30 @@ import optax
 
 from admmprune.budgets import Budget, ParamBudget
 from admmprune.metrics import METRICS
+from admmprune.models import INPUT_SHAPES, MODELS
 from admmprune.oneshot import ONE_SHOT_METHODS
 
-METHODS = ("admm", "magnitude", "iterative_magnitude", "projected_sgd", "oneshot")
+METHODS = (
+    "admm",
+    "magnitude",
+    "iterative_magnitude",
+    "projected_sgd",
+    "oneshot",
+    "l1_filter",
+    "slimming",
+)
 PRUNERS = ONE_SHOT_METHODS
 OPTIMIZERS = ("adam", "sgd", "momentum", "adamw")
 SCHEDULES = ("constant", "cosine")
-BUDGET_TYPES = ("param", "energy")  # and "package.module:Name", a user's budget
+STRUCTURED_TYPES = ("channels", "macs", "nm")
+BUDGET_TYPES = ("param", "energy", *STRUCTURED_TYPES)  # and "package.module:Name", a user's
+# The keys each structured budget type takes (besides ``type``).
+STRUCTURED_KEYS = {
+    "channels": ("keep", "count", "per_layer", "allocation", "min_channels"),
+    "macs": ("macs_fraction", "macs", "units", "min_channels", "exact"),
+    "nm": ("n", "m"),
+}
+NEW_BUDGET_KEYS = ("macs_fraction", "macs", "units", "min_channels", "exact", "n", "m")
 
 
 class RecipeError(ValueError):
@@ -74,8 +91,8 @@ def _k(types, default, choices=None, minimum=None, methods=None, positive=False)
 SCHEMA: dict[str, dict[str, _Key]] = {
     "problem": {
         "name": _k(str, None),
-        "model": _k(str, None, choices=("lenet300", "lenet5")),
-        "data": _k(str, "mnist", choices=("mnist", "synthetic")),
+        "model": _k(str, None, choices=tuple(MODELS)),
+        "data": _k(str, "mnist", choices=("mnist", "fashion_mnist", "synthetic")),
         "seed": _k(int, 0, minimum=0),
     },
     "data": {
@@ -100,6 +117,14 @@ SCHEMA: dict[str, dict[str, _Key]] = {
         "allocation": _k(str, "global", choices=("global", "uniform")),
         "energy_fraction": _k(_NUMBER, None),  # of the dense network's energy
         "energy": _k(_NUMBER, None),  # absolute, in the energy model's units
+        # structured budgets (type = "channels", "macs" or "nm")
+        "macs_fraction": _k(_NUMBER, None),  # of the dense network's MACs per example
+        "macs": _k(_NUMBER, None),
+        "units": _k(str, None, choices=("channels", "branches")),
+        "min_channels": _k(int, None, minimum=1),
+        "exact": _k(bool, None),
+        "n": _k(int, None, minimum=1),
+        "m": _k(int, None, minimum=1),
     },
     "energy": {  # the energy model: energy budgets use it, every report states it
         "model": _k(str, "accelerator", choices=("accelerator", "linear")),
@@ -135,8 +160,13 @@ SCHEMA: dict[str, dict[str, _Key]] = {
         "metric": _k(str, "euclidean", choices=tuple(METRICS), methods=("admm",)),
         "decay_iterations": _k(int, 0, minimum=0, methods=("admm",)),
         "retrain_epochs": _k(
-            int, 20, minimum=0, methods=("admm", "magnitude", "projected_sgd", "oneshot")
+            int,
+            20,
+            minimum=0,
+            methods=("admm", "magnitude", "projected_sgd", "oneshot", "l1_filter", "slimming"),
         ),  # oneshot: 0 unless given
+        "sparsity_epochs": _k(int, 10, minimum=0, methods=("slimming",)),
+        "l1": _k(_NUMBER, 1e-4, minimum=0, methods=("slimming",)),
         "hard_prune": _k(str, "zero", choices=("zero", "obs"), methods=("admm",)),
         "calibration_examples": _k(int, 4096, minimum=1, methods=("admm", "oneshot")),
         "damp": _k(_NUMBER, 0.01, minimum=0, methods=("admm", "oneshot")),
@@ -213,8 +243,9 @@ class Recipe:
         """The recipe as plain, JSON-ready sections (solver keys of other methods dropped)."""
         out = {s: dict(getattr(self, s)) for s in SCHEMA}
         out["solver"] = {k: v for k, v in out["solver"].items() if _applies(k, self.method)}
-        if out["budget"].get("type") is None:
-            out["budget"].pop("type", None)  # inferred from the keys, as before the key existed
+        for key in ("type", *NEW_BUDGET_KEYS):  # unset: as before the keys existed
+            if out["budget"].get(key) is None:
+                out["budget"].pop(key, None)
         return json.loads(json.dumps(out, default=str))
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> Recipe:
@@ -255,8 +286,13 @@ class Recipe:
             }
             if s["decay_iterations"]:
                 out["solver.decay_iterations"] = min(f(s["decay_iterations"]), f(s["iterations"]))
-        elif self.method == "magnitude":
+        elif self.method in ("magnitude", "l1_filter"):
             out |= {"solver.retrain_epochs": f(s["retrain_epochs"])}
+        elif self.method == "slimming":
+            out |= {
+                "solver.sparsity_epochs": f(s["sparsity_epochs"]),
+                "solver.retrain_epochs": f(s["retrain_epochs"]),
+            }
         elif self.method == "oneshot":
             if s["retrain_epochs"]:
                 out |= {"solver.retrain_epochs": f(s["retrain_epochs"])}
@@ -284,7 +320,7 @@ class Recipe:
     def energy_model(self) -> Any:
         """The ``[energy]`` section's model, built for this recipe's network."""
         from admmprune.energy import AcceleratorEnergy, LinearEnergy, layer_shapes
-        from admmprune.models import INPUT_SHAPES, MODELS, init_model
+        from admmprune.models import init_model
 
         e, name = self.energy, self.problem["model"]
         try:
@@ -373,9 +409,47 @@ def _energy_budget(recipe: Recipe) -> Budget:
     )
 
 
+def structure_of(recipe: Recipe) -> Any:
+    """The channel and branch groups of the recipe's model (:func:`admmprune.groups.derive`)."""
+    from flax import nnx
+
+    from admmprune.groups import derive
+
+    name = recipe.problem["model"]
+    return derive(MODELS[name](nnx.Rngs(recipe.problem["seed"])), INPUT_SHAPES[name])
+
+
+def _given(recipe: Recipe, keys: tuple[str, ...]) -> dict[str, Any]:
+    return {k: recipe.budget[k] for k in keys if recipe.budget.get(k) is not None}
+
+
+def _channel_budget(recipe: Recipe) -> Budget:
+    from admmprune.structured import ChannelBudget
+
+    return ChannelBudget(structure_of(recipe), **_given(recipe, STRUCTURED_KEYS["channels"]))
+
+
+def _macs_budget(recipe: Recipe) -> Budget:
+    from admmprune.structured import MacsBudget
+
+    given = _given(recipe, STRUCTURED_KEYS["macs"])
+    if "macs_fraction" in given:
+        given["keep"] = given.pop("macs_fraction")
+    return MacsBudget(structure_of(recipe), **given)
+
+
+def _nm_budget(recipe: Recipe) -> Budget:
+    from admmprune.structured import NMBudget
+
+    return NMBudget(**_given(recipe, STRUCTURED_KEYS["nm"]))
+
+
 BUDGET_BUILDERS: dict[str, Callable[[Recipe], Budget]] = {
     "param": _param_budget,
     "energy": _energy_budget,
+    "channels": _channel_budget,
+    "macs": _macs_budget,
+    "nm": _nm_budget,
 }
 
 
@@ -459,6 +533,14 @@ def parse_recipe(raw: Mapping[str, Any], *, name: str, path: str | None = None) 
         recipe.budget_object()  # a user budget's own checks of its settings, before any work
         return recipe
     kind = parsed["budget"]["type"]
+    if kind in STRUCTURED_TYPES:
+        return _structured_recipe(parsed, raw, kind, path)
+    extra = [k for k in NEW_BUDGET_KEYS if parsed["budget"][k] is not None]
+    if extra:
+        raise RecipeError(
+            f"[budget] {extra}: settings of the structured budgets; give type = "
+            f"{' or '.join(repr(t) for t in STRUCTURED_TYPES)}."
+        )
     given = [k for k in BUDGET_KINDS if parsed["budget"][k] is not None]
     if kind is not None and kind != _budget_type({**parsed["budget"], "type": None}):
         raise RecipeError(
@@ -485,6 +567,32 @@ def parse_recipe(raw: Mapping[str, Any], *, name: str, path: str | None = None) 
     if parsed["budget"]["count"] is not None and parsed["budget"]["count"] < 0:
         raise RecipeError(f"budget.count: must be >= 0, got {parsed['budget']['count']}.")
     return Recipe(**parsed, path=path)
+
+
+def _structured_recipe(
+    parsed: dict[str, dict[str, Any]], raw: Mapping[str, Any], kind: str, path: str | None
+) -> Recipe:
+    """A recipe with a structured budget: its keys checked, the budget built (errors early)."""
+    from admmprune.budgets import BudgetError
+
+    allowed = set(STRUCTURED_KEYS[kind]) | {"type"}
+    wrong = sorted(set(raw.get("budget", {})) - allowed)
+    if wrong:
+        raise RecipeError(
+            f"[budget] {wrong}: not settings of type = {kind!r}, which takes "
+            f"{sorted(STRUCTURED_KEYS[kind])}."
+        )
+    given = {k: v for k, v in parsed["budget"].items() if k in raw["budget"]}
+    parsed["budget"] = {k: None for k in SCHEMA["budget"]} | given
+    if kind == "channels":
+        parsed["budget"]["allocation"] = given.get("allocation", "global")
+    _check_energy_section(parsed["energy"])
+    recipe = Recipe(**parsed, path=path)
+    try:
+        recipe.budget_object()
+    except BudgetError as e:
+        raise RecipeError(f"[budget]: {e}") from None
+    return recipe
 
 
 def _custom_budget(table: Any) -> bool:

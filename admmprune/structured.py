@@ -45,7 +45,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +55,20 @@ from admmprune._tree import PyTree, leaf_names, named_leaves
 from admmprune.budgets import BudgetError, Pricing, Projection
 from admmprune.groups import Structure
 from admmprune.projections import topk_mask_flat
+
+
+@runtime_checkable
+class StructuredBudget(Protocol):
+    """A budget over the channel groups of a :class:`Structure` (ChannelBudget, MacsBudget).
+
+    Besides the :class:`admmprune.Budget` protocol it has its ``structure``
+    and ``project_by(params, scores)``: the budget's channels chosen by any
+    per-channel ranking (the L1-filter and network-slimming baselines).
+    """
+
+    structure: Structure
+
+    def project_by(self, params: PyTree, scores: Mapping[str, jax.Array]) -> Projection: ...
 
 
 def _flags(params: PyTree, names: set[str]) -> list[bool]:
@@ -181,7 +195,11 @@ class ChannelBudget:
         return out
 
     def project(self, params: PyTree) -> Projection:
-        keep = self.select(self.structure.scores(params))
+        return self.project_by(params, self.structure.scores(params))
+
+    def project_by(self, params: PyTree, scores: Mapping[str, jax.Array]) -> Projection:
+        """The budget's channels chosen by other scores (L1 norms, BatchNorm scales)."""
+        keep = self.select(scores)
         return Projection(self.structure.masks(params, keep), {})
 
     def measure(self, params: PyTree) -> dict[str, float]:
@@ -320,11 +338,17 @@ class MacsBudget:
             kept = self.select_branches(params)
             masks = self.structure.masks(params, {}, kept)
             macs = self.structure.macs({}, kept)
-        else:
-            keep = self.select(self.structure.scores(params))
-            masks = self.structure.masks(params, keep)
-            macs = self.structure.macs(_counts_of(keep))
-        return Projection(masks, {"macs": macs, "macs_fraction": macs / self.structure.dense_macs})
+            return Projection(masks, self._figures(macs))
+        return self.project_by(params, self.structure.scores(params))
+
+    def project_by(self, params: PyTree, scores: Mapping[str, jax.Array]) -> Projection:
+        """The budget's channels chosen by other scores (L1 norms, BatchNorm scales)."""
+        keep = self.select(scores)
+        masks = self.structure.masks(params, keep)
+        return Projection(masks, self._figures(self.structure.macs(_counts_of(keep))))
+
+    def _figures(self, macs: float) -> dict[str, float]:
+        return {"macs": macs, "macs_fraction": macs / self.structure.dense_macs}
 
     def measure(self, params: PyTree) -> dict[str, float]:
         macs = self.structure.macs_of(jax.tree.map(lambda x: x != 0, params))
@@ -621,4 +645,4 @@ class NMBudget:
         return {"type": "n:m", "n": self.n, "m": self.m, "layers": list(self.layers or ())}
 
 
-__all__ = ["ChannelBudget", "MacsBudget", "NMBudget"]
+__all__ = ["ChannelBudget", "MacsBudget", "NMBudget", "StructuredBudget"]
