@@ -38,11 +38,14 @@ def kept_indices(
     structure: Structure, params: PyTree, masks: PyTree
 ) -> dict[str, list[np.ndarray | None]]:
     """Per leaf and axis, the kept positions (None: the whole axis)."""
-    channels, _ = structure.kept(masks)
+    channels, branches = structure.kept(masks)
+    gone = {leaf for b in structure.branches if not branches[b.name] for leaf in b.leaves}
     shapes = {n: np.shape(x) for n, x in named_leaves(params).items()}
     out: dict[str, list[np.ndarray | None]] = {n: [None] * len(s) for n, s in shapes.items()}
     for g in structure.groups:
         keep = channels[g.name]
+        if all(m.leaf in gone for m in g.producers):
+            continue  # inside a removed branch: its leaves go with it
         if not keep.any():
             raise StructureError(
                 f"group {g.name!r} has no channel left: the network would be cut there; "

@@ -61,11 +61,15 @@ class Member:
             ``leaf.shape[axis]``); ``None`` when position ``i`` is channel ``i``.
             A dense layer after a flatten of ``(h, w, c)`` reads channel
             ``i % c`` at row ``i``.
+        statistic: a measured statistic (BatchNorm's running mean and
+            variance), not a weight: sliced and masked with its channel, but
+            no part of the channel's score.
     """
 
     leaf: str
     axis: int
     index: tuple[int, ...] | None = None
+    statistic: bool = False
 
     def positions(self, size: int) -> np.ndarray:
         """The channel of each position along the axis, as an array."""
@@ -208,7 +212,8 @@ class Structure:
         for g in self.groups:
             total = jnp.zeros((g.size,), jnp.float32)
             for m in g.producers:
-                total = total + _per_channel(by_name[m.leaf], m, g.size, jnp.square)
+                if not m.statistic:
+                    total = total + _per_channel(by_name[m.leaf], m, g.size, jnp.square)
             out[g.name] = total
         return out
 
@@ -275,7 +280,8 @@ class Structure:
         for g in self.groups:
             alive = np.zeros(g.size, bool)
             for m in g.producers:
-                alive |= np.asarray(_per_channel(by_name[m.leaf], m, g.size, np.abs)) > 0
+                if not m.statistic:
+                    alive |= np.asarray(_per_channel(by_name[m.leaf], m, g.size, np.abs)) > 0
             channels[g.name] = alive
         branches = {b.name: any(bool(by_name[x].any()) for x in b.leaves) for b in self.branches}
         return channels, branches
@@ -994,6 +1000,17 @@ def derive(
         layers.append(
             LayerCost(rec["kernel"], rec["macs"], gi, go, tuple(in_pos), out_width, branch)
         )
+    stats = set(leaf_names(nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))))
+    if stats:
+        groups = [
+            dataclasses.replace(
+                g,
+                producers=tuple(
+                    dataclasses.replace(m, statistic=m.leaf in stats) for m in g.producers
+                ),
+            )
+            for g in groups
+        ]
     structure = Structure(tuple(groups), tuple(branches), tuple(layers))
     structure.check(params)
     return structure

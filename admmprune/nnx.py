@@ -14,9 +14,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
-from admmprune._tree import PyTree
+from admmprune._tree import PyTree, path_name
 
 Apply = Callable[[PyTree, jax.Array], jax.Array]
 
@@ -108,3 +109,78 @@ def record_layers(model: nnx.Module, hook: LayerHook) -> Iterator[None]:
                 del cls.__call__
             else:
                 cls.__call__ = fn
+
+
+def has_batch_stats(model: nnx.Module) -> bool:
+    """Whether ``model`` holds BatchNorm statistics (``nnx.BatchStat`` variables)."""
+    return any(isinstance(m, nnx.BatchNorm) for _, m in nnx.iter_modules(model))
+
+
+def calibrate_batch_stats(
+    model: nnx.Module, params: PyTree, x: jax.Array, *, batch_size: int = 500
+) -> PyTree:
+    """``params`` with every BatchNorm's ``mean`` and ``var`` measured on inputs ``x``.
+
+    Runs the network in training mode (each BatchNorm normalizing with its
+    batch's statistics, as in training) over ``x`` in batches, and sets each
+    BatchNorm's running statistics to the average over batches of its input's
+    per-channel mean and variance (``E[x^2] - E[x]^2`` pooled). The weights are
+    not touched. Pruning changes every statistic after the first pruned
+    layer, so statistics are measured, not trained: after dense training,
+    after every pruning run and before every evaluation of a pruned network
+    ("BatchNorm recalibration"). A model without BatchNorm is returned as is.
+    """
+    if not has_batch_stats(model):
+        return params
+    train_model = nnx.clone(model)
+    train_model.train()
+    stats = _batch_moments(train_model)
+    n = int(x.shape[0])
+    bs = min(batch_size, n)
+    sums: dict[str, Any] = {}
+    count = 0
+    for start in range(0, n - bs + 1, bs):
+        moments = stats(params, x[start : start + bs])
+        for k, (m1, m2) in moments.items():
+            a, b = sums.get(k, (0.0, 0.0))
+            sums[k] = (a + m1, b + m2)
+        count += 1
+    flat = {path_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    for prefix, (m1, m2) in sums.items():
+        mean = m1 / count
+        flat[prefix + "/mean"] = mean.astype(flat[prefix + "/mean"].dtype)
+        flat[prefix + "/var"] = jnp.maximum(m2 / count - mean**2, 0.0).astype(
+            flat[prefix + "/var"].dtype
+        )
+    names = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    return jax.tree.unflatten(jax.tree.structure(params), [flat[k] for k in names])
+
+
+def _batch_moments(model: nnx.Module) -> Callable[[PyTree, jax.Array], dict[str, Any]]:
+    """A jitted ``f(params, x) -> {bn_path: (mean, mean of squares)}`` of every BatchNorm input."""
+    graphdef, state, rest = nnx.split(model, (nnx.Param, nnx.BatchStat), ...)
+
+    @jax.jit
+    def moments(params: PyTree, x: jax.Array) -> dict[str, Any]:
+        st = jax.tree.map(lambda v: v, state)
+        nnx.replace_by_pure_dict(st, params)
+        m = nnx.merge(graphdef, st, rest)
+        paths = {id(mod): "/".join(map(str, p)) for p, mod in nnx.iter_modules(m)}
+        out: dict[str, Any] = {}
+        inner = nnx.BatchNorm.__call__
+
+        def call(self: Any, h: Any, *args: Any, **kwargs: Any) -> Any:
+            if id(self) in paths:
+                axes = tuple(range(h.ndim - 1))
+                hf = h.astype(jnp.float32)
+                out[paths[id(self)]] = (hf.mean(axes), jnp.square(hf).mean(axes))
+            return inner(self, h, *args, **kwargs)
+
+        nnx.BatchNorm.__call__ = call
+        try:
+            m(x)
+        finally:
+            nnx.BatchNorm.__call__ = inner
+        return out
+
+    return moments

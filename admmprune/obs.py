@@ -554,7 +554,9 @@ def prune_layerwise(
     leaves, treedef = jax.tree.flatten(params)
     index = {n: i for i, n in enumerate(names)}
     dense_inputs = calibration_inputs(model, params, x)
-    missing = sorted(set(counts) - set(dense_inputs))
+    # A structured mask also covers biases and norm parameters: they are masked, not refit.
+    passed = {n for n in fixed if n not in dense_inputs and np.ndim(leaves[index[n]]) < 2}
+    missing = sorted(set(counts) - set(dense_inputs) - passed)
     if missing:
         raise ValueError(
             f"{missing} are not kernels of dense or conv layers the model calls; "
@@ -562,6 +564,10 @@ def prune_layerwise(
         )
     records = []
     out_masks = [jnp.ones(np.shape(leaf), bool) for leaf in leaves]
+    for name in passed:
+        i = index[name]
+        out_masks[i] = fixed[name]
+        leaves[i] = jnp.where(fixed[name], leaves[i], jnp.zeros_like(leaves[i]))
     for name in dense_inputs:
         if name not in counts:
             continue

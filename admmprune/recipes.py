@@ -51,6 +51,7 @@ METHODS = (
     "oneshot",
     "l1_filter",
     "slimming",
+    "structured_obs",
 )
 PRUNERS = ONE_SHOT_METHODS
 OPTIMIZERS = ("adam", "sgd", "momentum", "adamw")
@@ -61,9 +62,9 @@ BUDGET_TYPES = ("param", "energy", *STRUCTURED_TYPES)  # and "package.module:Nam
 STRUCTURED_KEYS = {
     "channels": ("keep", "count", "per_layer", "allocation", "min_channels"),
     "macs": ("macs_fraction", "macs", "units", "min_channels", "exact"),
-    "nm": ("n", "m"),
+    "nm": ("n", "m", "layers"),
 }
-NEW_BUDGET_KEYS = ("macs_fraction", "macs", "units", "min_channels", "exact", "n", "m")
+NEW_BUDGET_KEYS = ("macs_fraction", "macs", "units", "min_channels", "exact", "n", "m", "layers")
 
 
 class RecipeError(ValueError):
@@ -125,6 +126,7 @@ SCHEMA: dict[str, dict[str, _Key]] = {
         "exact": _k(bool, None),
         "n": _k(int, None, minimum=1),
         "m": _k(int, None, minimum=1),
+        "layers": _k(list, None),  # nm: the kernels to constrain (default: every kernel)
     },
     "energy": {  # the energy model: energy budgets use it, every report states it
         "model": _k(str, "accelerator", choices=("accelerator", "linear")),
@@ -163,13 +165,23 @@ SCHEMA: dict[str, dict[str, _Key]] = {
             int,
             20,
             minimum=0,
-            methods=("admm", "magnitude", "projected_sgd", "oneshot", "l1_filter", "slimming"),
+            methods=(
+                "admm",
+                "magnitude",
+                "projected_sgd",
+                "oneshot",
+                "l1_filter",
+                "slimming",
+                "structured_obs",
+            ),
         ),  # oneshot: 0 unless given
         "sparsity_epochs": _k(int, 10, minimum=0, methods=("slimming",)),
         "l1": _k(_NUMBER, 1e-4, minimum=0, methods=("slimming",)),
         "hard_prune": _k(str, "zero", choices=("zero", "obs"), methods=("admm",)),
-        "calibration_examples": _k(int, 4096, minimum=1, methods=("admm", "oneshot")),
-        "damp": _k(_NUMBER, 0.01, minimum=0, methods=("admm", "oneshot")),
+        "calibration_examples": _k(
+            int, 4096, minimum=1, methods=("admm", "oneshot", "structured_obs")
+        ),
+        "damp": _k(_NUMBER, 0.01, minimum=0, methods=("admm", "oneshot", "structured_obs")),
         "pruner": _k(str, "exact_obs", choices=PRUNERS, methods=("oneshot",)),
         "layer_allocation": _k(
             str, "budget", choices=("budget", "obs"), methods=("oneshot", "admm")
@@ -286,7 +298,7 @@ class Recipe:
             }
             if s["decay_iterations"]:
                 out["solver.decay_iterations"] = min(f(s["decay_iterations"]), f(s["iterations"]))
-        elif self.method in ("magnitude", "l1_filter"):
+        elif self.method in ("magnitude", "l1_filter", "structured_obs"):
             out |= {"solver.retrain_epochs": f(s["retrain_epochs"])}
         elif self.method == "slimming":
             out |= {

@@ -180,9 +180,9 @@ def make_solver(
             ),
             batch_size=s["batch_size"],
         )
-    if recipe.method in ("l1_filter", "slimming"):
+    if recipe.method in ("l1_filter", "slimming", "structured_obs"):
         from admmprune.structured import StructuredBudget
-        from admmprune.structured_baselines import L1FilterPrune, NetworkSlimming
+        from admmprune.structured_baselines import L1FilterPrune, NetworkSlimming, StructuredOBS
 
         if not isinstance(budget, StructuredBudget):
             raise ValueError(
@@ -190,6 +190,16 @@ def make_solver(
                 'or "macs".'
             )
         finetune = admmprune.Finetune(epochs=s["retrain_epochs"])
+        if recipe.method == "structured_obs":
+            return StructuredOBS(
+                budget,
+                _network(recipe),
+                retrain,
+                calibration_examples=s["calibration_examples"],
+                damp=s["damp"],
+                finetune=finetune,
+                batch_size=s["batch_size"],
+            )
         if recipe.method == "l1_filter":
             return L1FilterPrune(budget, retrain, finetune, s["batch_size"])
         return NetworkSlimming(

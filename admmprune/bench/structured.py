@@ -1,0 +1,285 @@
+"""The structured suite: fewer MACs by removing neurons and filters, against the baselines and
+against training the small network from scratch; 2:4 rows; the compact networks' speed.
+
+    admmprune bench --suite structured --out runs/bench-structured
+    admmprune bench --suite structured --quick --out runs/quick   # epochs / 10
+
+Rows (each method a recipe in ``solvers/``): LeNet-300-100 and LeNet-5 on
+MNIST at 4x and 10x fewer MACs, with structured ADMM, one-shot group-norm
+pruning, L1-norm filter pruning, and the one-shot OBS refit, all retrained
+for equal epochs; then, for the architecture structured ADMM found,
+Scratch-E (a fresh init trained for the pipeline's epochs: dense plus
+pruning), Scratch-B (the same training compute, at most twice the epochs, as
+Liu et al., ICLR 2019, cap it) and the dense network uniformly narrowed to
+the same MACs, trained from scratch like Scratch-E. Every row's MACs are
+counted on its compact network, and the compact network's inference time is
+measured beside the dense one's (batch 256 and 1, medians). Then one 2:4 row
+per model (ADMM, magnitude, OBS refit; no compact network, no speed figure).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from admmprune.bench.tables import (
+    measured_line,
+    results_header,
+    target,
+    targets_table,
+    write_results,
+)
+from admmprune.recipes import load_recipe
+
+MODELS = ("lenet300", "lenet5")
+REDUCTIONS = ("4x", "10x")
+METHODS = ("admm", "magnitude", "l1", "obs")
+NM_METHODS = ("admm", "magnitude", "obs")
+QUICK_FACTOR = 0.1
+NAMES = {
+    "admm": "structured ADMM",
+    "magnitude": "one-shot group norm + retrain",
+    "l1": "L1-norm filter/neuron (Li et al.)",
+    "obs": "structured one-shot OBS + retrain",
+    "scratch_e": "Scratch-E (ADMM's architecture)",
+    "scratch_b": "Scratch-B (ADMM's architecture)",
+    "uniform": "uniformly narrowed, from scratch",
+}
+MODEL_NAMES = {"lenet300": "LeNet-300-100", "lenet5": "LeNet-5 (Caffe)"}
+
+
+def _row(report: dict[str, Any], method: str) -> dict[str, Any]:
+    keep = ("model", "test_accuracy", "test_error", "dense_test_accuracy", "epochs", "dense_epochs")
+    row = {k: report[k] for k in keep}
+    row |= {"method": method, "solver_wall_seconds": report["solver_wall_seconds"]}
+    row["budget"] = report["budget"]
+    if "compact" in report:
+        c = report["compact"]
+        row |= {
+            "compact_macs": c["compact_macs"],
+            "dense_macs": c["dense_macs"],
+            "macs_reduction": c["macs_reduction"],
+            "channels": c["channels"],
+            "compact_parameters": c["compact_parameters"],
+            "dense_parameters": c["dense_parameters"],
+            "latency": c["latency"],
+        }
+    else:
+        row["kept_fraction"] = report["kept_fraction"]
+    return row
+
+
+def scratch_runs(
+    recipe: Any, admm_dir: Path, epochs: int, *, quiet: bool = False
+) -> list[dict[str, Any]]:
+    """Scratch-E, Scratch-B and uniform narrowing for the architecture in ``admm_dir``.
+
+    The architecture is the one structured ADMM left (``params.npz`` there);
+    each network starts from a fresh init (:func:`admmprune.compact.fresh_init`,
+    seed ``problem.seed + 10``) and trains with the dense recipe's optimizer.
+    ``epochs`` is Scratch-E's: the dense epochs plus the pruning run's.
+    """
+    import admmprune
+    from admmprune.checkpoint import load_params
+    from admmprune.compact import compact, fresh_init, uniform_masks
+    from admmprune.groups import derive
+    from admmprune.models import INPUT_SHAPES, accuracy, cross_entropy_loss
+    from admmprune.nnx import split_nnx
+    from admmprune.recipes import make_optimizer
+    from admmprune.runner import _network, load_data
+
+    train, test = load_data(recipe)
+    model = _network(recipe)
+    shape = INPUT_SHAPES[recipe.problem["model"]]
+    budget = recipe.budget_object()
+    structure = budget.structure
+    params, _ = split_nnx(model)
+    pruned = load_params(admm_dir / "params.npz", params)
+    masks = jax.tree.map(lambda x: x != 0, pruned)
+    uniform, fraction = uniform_masks(structure, params, budget.capacity)
+    seed = recipe.problem["seed"] + 10
+    out = []
+    dense = recipe.dense
+    for name, m in (("admm_arch", masks), ("uniform", uniform)):
+        small, _ = compact(model, params, m, structure)
+        small, start = fresh_init(small, seed)
+        small_macs = derive(small, shape).dense_macs
+        ratio = structure.dense_macs / small_macs
+        runs = [("scratch_e", epochs), ("scratch_b", round(epochs * min(ratio, 2.0)))]
+        if name == "uniform":
+            runs = [("uniform", epochs)]
+        _, apply = split_nnx(small)
+        for method, n in runs:
+            tick = time.perf_counter()
+            trained, _ = admmprune.train(
+                start,
+                cross_entropy_loss(apply),
+                train,
+                optimizer=make_optimizer(dense["optimizer"], dense["learning_rate"]),
+                epochs=n,
+                batch_size=dense["batch_size"],
+                key=jax.random.key(seed),
+                phase="scratch",
+            )
+            acc = accuracy(apply, trained, *test)
+            row = {
+                "model": recipe.problem["model"],
+                "method": method,
+                "test_accuracy": acc,
+                "test_error": 1 - acc,
+                "epochs": n,
+                "dense_epochs": 0,
+                "compact_macs": small_macs,
+                "dense_macs": structure.dense_macs,
+                "macs_reduction": ratio,
+                "compact_parameters": int(sum(np.size(x) for x in jax.tree.leaves(trained))),
+                "solver_wall_seconds": time.perf_counter() - tick,
+            }
+            if name == "uniform":
+                row["uniform_fraction"] = fraction
+            out.append(row)
+            if not quiet:
+                print(f"  {method}: test error {1 - acc:.2%}, {n} epochs", flush=True)
+    return out
+
+
+def run_structured_benchmark(
+    out: Path,
+    *,
+    solvers: Path = Path("solvers"),
+    quick: bool = False,
+    quiet: bool = False,
+    models: tuple[str, ...] = MODELS,
+) -> dict[str, Any]:
+    """Runs the suite; writes ``DIR/<recipe>/``, ``results.json`` and ``results.md``."""
+    from admmprune.progress import Progress, total_epochs
+    from admmprune.runner import solve, validate
+
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+
+    def run(name: str, method: str, row_name: str) -> dict[str, Any]:
+        recipe = load_recipe(solvers / f"{name}.toml")
+        if quick:
+            recipe = recipe.scaled(QUICK_FACTOR)
+        validate(recipe)
+        progress = Progress(total_epochs(recipe), name, enabled=not quiet)
+        try:
+            report = solve(recipe, out / name, callback=progress, plots=False)
+        finally:
+            progress.close()
+        row = _row(report, method) | {"row": row_name, "recipe": name}
+        rows.append(row)
+        if not quiet:
+            print(f"{name}: test error {row['test_error']:.2%}", flush=True)
+        return report
+
+    for model in models:
+        for red in REDUCTIONS:
+            row_name = f"{model} {red} fewer MACs"
+            for method in METHODS:
+                report = run(f"{model}_structured_{method}_{red}", method, row_name)
+                if method == "admm":
+                    admm_report = report
+            recipe = load_recipe(solvers / f"{model}_structured_admm_{red}.toml")
+            if quick:
+                recipe = recipe.scaled(QUICK_FACTOR)
+            epochs = admm_report["dense_epochs"] + admm_report["epochs"]
+            for r in scratch_runs(
+                recipe, out / f"{model}_structured_admm_{red}", epochs, quiet=quiet
+            ):
+                rows.append(r | {"row": row_name, "budget": admm_report["budget"]})
+        for method in NM_METHODS:
+            run(f"{model}_nm24_{method}", method, f"{model} 2:4")
+    results = results_header("admmprune bench --suite structured", quick, started)
+    results |= {"runs": rows, "targets": check_targets(rows)}
+    return write_results(out, results, markdown_table, quiet)
+
+
+def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's floors that this suite measures, each with its figure and verdict."""
+    targets = []
+    by_row: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_row.setdefault(r["row"], []).append(r)
+    for name, rs in by_row.items():
+        structured = [r for r in rs if "compact_macs" in r]
+        if structured:
+            cap = rs[0]["budget"]["macs"]
+            worst = max(r["compact_macs"] for r in structured)
+            targets.append(
+                target(
+                    f"{name}: every result within the MACs budget ({cap:.0f}), counted on the "
+                    "compact network",
+                    f"largest {worst:.0f}",
+                    worst <= cap + 1e-6,
+                )
+            )
+        admm = next((r for r in rs if r["method"] == "admm"), None)
+        if admm is not None:
+            best = max(rs, key=lambda r: r["test_accuracy"])
+            targets.append(
+                target(
+                    f"{name}: structured ADMM has the best test accuracy",
+                    f"ADMM {admm['test_error']:.2%} error; best {NAMES.get(best['method'])}"
+                    f" {best['test_error']:.2%}",
+                    best is admm or best["test_accuracy"] <= admm["test_accuracy"],
+                )
+            )
+        if admm is not None and admm.get("latency") and admm["model"] != "lenet300":
+            t = admm["latency"]["batch_256"]
+            need = 0.7 * admm["macs_reduction"]
+            targets.append(
+                target(
+                    f"{name}: compact inference at batch 256 >= 0.7 x the MACs ratio faster",
+                    f"{t['speedup']:.2f}x faster for {admm['macs_reduction']:.2f}x fewer MACs "
+                    f"(needs {need:.2f}x)",
+                    t["speedup"] >= need,
+                )
+            )
+    return targets
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """The README's table: one line per method and row."""
+    lines = [
+        measured_line(results),
+        "",
+        "| row | method | test error | MACs (reduction) | params | epochs | "
+        "batch 256 / batch 1 speedup |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    seen = set()
+    for r in results["runs"]:
+        if r["row"] not in seen:
+            seen.add(r["row"])
+            lines.append(
+                f"| {r['row']} | dense | {1 - r.get('dense_test_accuracy', float('nan')):.2%} "
+                f"| {r.get('dense_macs', '')} | {r.get('dense_parameters', '')} | 20 | |"
+            )
+        macs = (
+            f"{r['compact_macs']:.0f} ({r['macs_reduction']:.2f}x)"
+            if "compact_macs" in r
+            else f"{r.get('kept_fraction', 0):.1%} of weights"
+        )
+        speed = ""
+        if r.get("latency"):
+            speed = (
+                f"{r['latency']['batch_256']['speedup']:.2f}x / "
+                f"{r['latency']['batch_1']['speedup']:.2f}x"
+            )
+        epochs = f"{r['dense_epochs']} + {r['epochs']}" if r["dense_epochs"] else f"{r['epochs']}"
+        lines.append(
+            f"| {r['row']} | {NAMES.get(r['method'], r['method'])} | {r['test_error']:.2%} | "
+            f"{macs} | {r.get('compact_parameters', '')} | {epochs} | {speed} |"
+        )
+    lines += targets_table(results["targets"])
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["check_targets", "markdown_table", "run_structured_benchmark", "scratch_runs"]
