@@ -75,6 +75,8 @@ def layer_shapes(
 
     from admmprune.nnx import record_layers
 
+    model = nnx.clone(model)
+    model.eval()  # inference mode: a training-mode BatchNorm would update its statistics
     seen: list[LayerShape] = []
 
     def hook(name: str, layer: Any, x: Any, y: Any) -> None:

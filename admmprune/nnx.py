@@ -129,31 +129,42 @@ def calibrate_batch_stats(
     layer, so statistics are measured, not trained: after dense training,
     after every pruning run and before every evaluation of a pruned network
     ("BatchNorm recalibration"). A model without BatchNorm is returned as is.
+    For repeated calls build :func:`batch_stats_calibrator` once (it compiles once).
     """
+    return batch_stats_calibrator(model, batch_size=batch_size)(params, x)
+
+
+def batch_stats_calibrator(
+    model: nnx.Module, *, batch_size: int = 500
+) -> Callable[[PyTree, jax.Array], PyTree]:
+    """``f(params, x)``: :func:`calibrate_batch_stats` for ``model``, compiled once."""
     if not has_batch_stats(model):
-        return params
+        return lambda params, x: params
     train_model = nnx.clone(model)
     train_model.train()
     stats = _batch_moments(train_model)
-    n = int(x.shape[0])
-    bs = min(batch_size, n)
-    sums: dict[str, Any] = {}
-    count = 0
-    for start in range(0, n - bs + 1, bs):
-        moments = stats(params, x[start : start + bs])
-        for k, (m1, m2) in moments.items():
-            a, b = sums.get(k, (0.0, 0.0))
-            sums[k] = (a + m1, b + m2)
-        count += 1
-    flat = {path_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-    for prefix, (m1, m2) in sums.items():
-        mean = m1 / count
-        flat[prefix + "/mean"] = mean.astype(flat[prefix + "/mean"].dtype)
-        flat[prefix + "/var"] = jnp.maximum(m2 / count - mean**2, 0.0).astype(
-            flat[prefix + "/var"].dtype
-        )
-    names = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-    return jax.tree.unflatten(jax.tree.structure(params), [flat[k] for k in names])
+
+    def calibrate(params: PyTree, x: jax.Array) -> PyTree:
+        n = int(x.shape[0])
+        bs = min(batch_size, n)
+        sums: dict[str, Any] = {}
+        count = 0
+        for start in range(0, n - bs + 1, bs):
+            moments = stats(params, x[start : start + bs])
+            for k, (m1, m2) in moments.items():
+                a, b = sums.get(k, (0.0, 0.0))
+                sums[k] = (a + m1, b + m2)
+            count += 1
+        flat = {path_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+        for prefix, (m1, m2) in sums.items():
+            mean = m1 / count
+            var = jnp.maximum(m2 / count - mean**2, 0.0)
+            flat[prefix + "/mean"] = mean.astype(flat[prefix + "/mean"].dtype)
+            flat[prefix + "/var"] = var.astype(flat[prefix + "/var"].dtype)
+        names = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+        return jax.tree.unflatten(jax.tree.structure(params), [flat[k] for k in names])
+
+    return calibrate
 
 
 def _batch_moments(model: nnx.Module) -> Callable[[PyTree, jax.Array], dict[str, Any]]:

@@ -51,6 +51,11 @@ def load_data(recipe: Recipe) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Ar
         n = d["synthetic_train"]
         train = (both.x[:n], both.y[:n])
         test = (both.x[n:], both.y[n:])
+    elif recipe.problem["data"] == "fashion_mnist":
+        from admmprune.data import load_fashion_mnist
+
+        fashion = load_fashion_mnist(idx_dir=d["idx_dir"] or None, download=True)
+        train, test = tuple(fashion.train), tuple(fashion.test)
     else:
         mnist = load_mnist(idx_dir=d["idx_dir"] or None, download=True)
         train, test = tuple(mnist.train), tuple(mnist.test)
@@ -91,10 +96,37 @@ def dense_params(
         callback=callback,
         phase="dense",
     )
+    params = calibrator(recipe, train)(params)
     if dense["cache"]:
         save_params(path, params)
     seconds = [r["seconds"] for r in history]
     return params, apply, {"cached": None, "epoch_seconds": seconds}
+
+
+def calibrator(recipe: Recipe, train: tuple[jax.Array, jax.Array]) -> Callable[[Any], Any]:
+    """``f(params)``: the params with BatchNorm statistics measured on 2,000 training inputs.
+
+    The identity for a model without BatchNorm. Statistics are measured, not
+    trained (:func:`admmprune.nnx.calibrate_batch_stats`): after dense
+    training, before every evaluation, and on the final pruned network.
+    """
+    from admmprune.nnx import batch_stats_calibrator, has_batch_stats
+
+    model = _network(recipe)
+    if not has_batch_stats(model):
+        return lambda p: p
+    n = int(train[0].shape[0])
+    pick = jax.random.permutation(jax.random.key(recipe.problem["seed"] + 3), n)[: min(2000, n)]
+    x = train[0][pick]
+    calibrate = batch_stats_calibrator(model)
+    return lambda p: calibrate(p, x)
+
+
+def evaluator(recipe: Recipe) -> Callable[..., Any]:
+    """The inference-mode apply (BatchNorm on its statistics) of the recipe's model."""
+    from admmprune.nnx import split_nnx
+
+    return split_nnx(_network(recipe), train=False)[1]
 
 
 def calibration_set(recipe: Recipe, train: tuple[jax.Array, jax.Array]) -> jax.Array:
@@ -333,9 +365,11 @@ def solve(
     out.mkdir(parents=True, exist_ok=True)
     params, apply, dense_info = dense_params(recipe, train, callback)
     loss_fn = cross_entropy_loss(apply)
+    calibrate = calibrator(recipe, train)
+    infer = evaluator(recipe)
 
     def evaluate(p: Any) -> dict[str, float]:
-        return {"accuracy": accuracy(apply, p, *test)}
+        return {"accuracy": accuracy(infer, calibrate(p), *test)}
 
     dense_acc = evaluate(params)["accuracy"]
     steps = train[0].shape[0] // recipe.solver["batch_size"]
@@ -373,7 +407,11 @@ def solve(
         params, loss_fn, train, key=key, eval_fn=evaluate, callback=callback, **extra
     )
     # The allocation is part of the solver's cost (the OBS curves, the MILP).
-    result = dataclasses.replace(result, wall_seconds=result.wall_seconds + allocation_seconds)
+    result = dataclasses.replace(
+        result,
+        params=calibrate(result.params),
+        wall_seconds=result.wall_seconds + allocation_seconds,
+    )
     save_params(out / "params.npz", result.params)
     report = make_report(
         recipe,

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from admmprune._tree import PyTree, named_leaves
+from admmprune._tree import PyTree, apply_masks, named_leaves
 from admmprune.finetune import Finetune
 from admmprune.results import PruneResult, finish
 from admmprune.structured import StructuredBudget
@@ -250,6 +250,15 @@ def obs_channel_costs(
     return out
 
 
+def _needs_refit(mask: jax.Array) -> jax.Array:
+    """``mask`` where a kernel lost input positions, else all True (nothing to refit)."""
+    m = np.asarray(mask)
+    if m.ndim < 2:
+        return jnp.ones(m.shape, bool)
+    rows = m.reshape(-1, m.shape[-1]).any(axis=1)
+    return jnp.asarray(m) if not rows.all() else jnp.ones(m.shape, bool)
+
+
 @dataclasses.dataclass(frozen=True)
 class StructuredOBS:
     """Structured one-shot OBS: keep the channels whose removal costs most, refit the rest.
@@ -294,7 +303,13 @@ class StructuredOBS:
         xc = x[pick]
         scores = obs_channel_costs(self.budget.structure, self.model, params, xc, damp=self.damp)
         masks = self.budget.project_by(params, scores).masks
-        refit, masks, _ = prune_layerwise(self.model, params, xc, None, masks=masks, damp=self.damp)
+        # Only layers that lost input channels have anything to make up for; a layer
+        # that lost output channels only keeps its other columns as they are.
+        refit_masks = jax.tree.map(_needs_refit, masks)
+        refit, _, _ = prune_layerwise(
+            self.model, params, xc, None, masks=refit_masks, damp=self.damp
+        )
+        refit = apply_masks(refit, masks)
         return _prune_and_finetune(
             self, refit, masks, loss_fn, data, key, eval_fn, callback, [], "structured_obs", start
         )

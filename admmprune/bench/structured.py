@@ -154,8 +154,12 @@ def run_structured_benchmark(
     quick: bool = False,
     quiet: bool = False,
     models: tuple[str, ...] = MODELS,
+    nm: bool = True,
 ) -> dict[str, Any]:
-    """Runs the suite; writes ``DIR/<recipe>/``, ``results.json`` and ``results.md``."""
+    """Runs the suite; writes ``DIR/<recipe>/``, ``results.json`` and ``results.md``.
+
+    ``models`` limits it to some models; ``nm=False`` skips the 2:4 rows.
+    """
     from admmprune.progress import Progress, total_epochs
     from admmprune.runner import solve, validate
 
@@ -194,7 +198,7 @@ def run_structured_benchmark(
                 recipe, out / f"{model}_structured_admm_{red}", epochs, quiet=quiet
             ):
                 rows.append(r | {"row": row_name, "budget": admm_report["budget"]})
-        for method in NM_METHODS:
+        for method in NM_METHODS if nm else ():
             run(f"{model}_nm24_{method}", method, f"{model} 2:4")
     results = results_header("admmprune bench --suite structured", quick, started)
     results |= {"runs": rows, "targets": check_targets(rows)}
