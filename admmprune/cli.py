@@ -1,8 +1,8 @@
 """The ``admmprune`` command line.
 
     admmprune solve RECIPE --out DIR [--quiet] [--json] [--resume] [--set KEY=VALUE ...]
-    admmprune bench [--suite param|energy|obs|all] [--quick] [--out DIR]
-    admmprune fetch-data
+    admmprune bench [--suite param|energy|obs|structured|all] [--quick] [--out DIR]
+    admmprune fetch-data [--dataset mnist|fashion-mnist|all] [--dir DIR]
 
 Exit status: 0 on success, 2 for a bad recipe, an infeasible budget or
 missing data (the message names the problem and the fix), 1 otherwise.
@@ -117,13 +117,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.suite in ("obs", "all"):
         out = Path(args.out) / "obs" if args.suite == "all" else Path(args.out)
         run_obs_benchmark(out, solvers=Path(args.solvers), quick=args.quick, quiet=args.quiet)
+    if args.suite in ("structured", "all"):
+        from admmprune.bench.structured import run_structured_benchmark
+
+        out = Path(args.out) / "structured" if args.suite == "all" else Path(args.out)
+        run_structured_benchmark(
+            out, solvers=Path(args.solvers), quick=args.quick, quiet=args.quiet
+        )
     return 0
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
-    from admmprune.data import fetch_mnist
+    from admmprune.data import fetch_fashion_mnist, fetch_mnist
 
-    print(f"MNIST cached at {fetch_mnist(args.dir)}")
+    if args.dataset in ("mnist", "all"):
+        print(f"MNIST cached at {fetch_mnist(args.dir)}")
+    if args.dataset in ("fashion-mnist", "all"):
+        print(f"Fashion-MNIST verified and cached at {fetch_fashion_mnist(args.dir)}")
     return 0
 
 
@@ -167,11 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--only", action="append", help="run only recipes whose name contains this")
     b.add_argument(
         "--suite",
-        choices=("param", "energy", "obs", "all"),
+        choices=("param", "energy", "obs", "structured", "all"),
         default="all",
         help="param: parameter budgets (LeNet-300, LeNet-5); energy: LeNet-5 under energy "
         "budgets and the knapsack projection (into OUT/energy with 'all'); obs: one-shot "
-        "LeNet-300-100, fast OBS timing, ADMM's OBS hard prune (into OUT/obs with 'all')",
+        "LeNet-300-100, fast OBS timing, ADMM's OBS hard prune (into OUT/obs with 'all'); "
+        "structured: fewer MACs by neurons/filters, scratch controls, 2:4, compact speed "
+        "(into OUT/structured with 'all')",
     )
     b.add_argument(
         "--budgets",
@@ -192,8 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=cmd_bench)
-    f = sub.add_parser("fetch-data", help="one-time fetch of MNIST into the cache")
+    f = sub.add_parser("fetch-data", help="one-time fetch of MNIST / Fashion-MNIST into the cache")
     f.add_argument("--dir", type=Path, default=None)
+    f.add_argument(
+        "--dataset",
+        choices=("mnist", "fashion-mnist", "all"),
+        default="mnist",
+        help="fashion-mnist: the pinned Debian package via apt-get download, else the "
+        "Zalando URLs, hash-checked",
+    )
     f.set_defaults(func=cmd_fetch)
     return p
 
