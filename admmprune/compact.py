@@ -146,7 +146,7 @@ def _set(module: Any, attr: str, value: Any, prefix: str, small: dict[str, np.nd
     if var is None:
         return
     arr = small[prefix + attr] if value is None else value
-    var.value = jnp.asarray(arr)
+    var.set_value(jnp.asarray(arr))
 
 
 def fresh_init(model: Any, seed: int) -> tuple[Any, PyTree]:
@@ -168,14 +168,14 @@ def fresh_init(model: Any, seed: int) -> tuple[Any, PyTree]:
         if isinstance(module, nnx.Linear | nnx.Conv):
             key, sub = jax.random.split(key)
             k = module.kernel
-            k.value = init(sub, k.value.shape, k.value.dtype)
+            k.set_value(init(sub, k.shape, k.dtype))
             if module.bias is not None:
-                module.bias.value = jnp.zeros_like(module.bias.value)
+                module.bias.set_value(jnp.zeros(module.bias.shape, module.bias.dtype))
         elif isinstance(module, nnx.BatchNorm):
             for leaf, fill in (("scale", 1.0), ("bias", 0.0), ("mean", 0.0), ("var", 1.0)):
                 v = getattr(module, leaf, None)
                 if v is not None:
-                    v.value = jnp.full_like(v.value, fill)
+                    v.set_value(jnp.full(v.shape, fill, v.dtype))
     params, _ = split_nnx(new)
     return new, params
 

@@ -600,8 +600,10 @@ def _structured_recipe(
         parsed["budget"]["allocation"] = given.get("allocation", "global")
     _check_energy_section(parsed["energy"])
     recipe = Recipe(**parsed, path=path)
-    try:
-        recipe.budget_object()
+    try:  # built and checked against the network now: a bad budget fails before any work
+        from admmprune.models import init_model
+
+        recipe.budget_object().check(init_model(parsed["problem"]["model"])[0])
     except BudgetError as e:
         raise RecipeError(f"[budget]: {e}") from None
     return recipe

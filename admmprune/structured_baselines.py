@@ -128,9 +128,11 @@ class NetworkSlimming:
     ``|gamma|`` (summed over the BatchNorms of a residual-joined group) and the
     budget keeps the largest; ``finetune`` retrains.
 
+    A group without a BatchNorm scale is not pruned (it ranks above every
+    other channel).
+
     Raises:
-        ValueError: when a group has no BatchNorm scale (slimming needs one
-            per prunable channel).
+        ValueError: when no group has a BatchNorm scale.
     """
 
     budget: StructuredBudget
@@ -157,11 +159,10 @@ class NetworkSlimming:
         start = time.perf_counter()
         check_batch_size(data, self.batch_size)
         scales = norm_scales(self.budget, params)
-        bare = sorted(g for g, s in scales.items() if not s)
-        if bare:
+        if not any(scales.values()):
             raise ValueError(
-                f"network slimming ranks channels by BatchNorm scales, and groups {bare} have "
-                "none; use L1FilterPrune or ADMM for them."
+                "network slimming ranks channels by BatchNorm scales, and no channel group of "
+                "this network has one; use L1FilterPrune or ADMM."
             )
         names = sorted({leaf for s in scales.values() for leaf in s})
         sparse_loss = _SlimLoss(loss_fn, tuple(names), float(self.l1))
@@ -179,7 +180,11 @@ class NetworkSlimming:
             phase="sparsity",
         )
         leaves = named_leaves(params)
-        scores = {g: sum(jnp.abs(leaves[leaf]) for leaf in s) for g, s in scales.items()}
+        size = {g.name: g.size for g in self.budget.structure.groups}
+        scores = {  # a group without BatchNorm is not slimmed: it ranks above every other
+            g: sum(jnp.abs(leaves[leaf]) for leaf in s) if s else jnp.full(size[g], jnp.inf)
+            for g, s in scales.items()
+        }
         masks = self.budget.project_by(params, scores).masks
         return _prune_and_finetune(
             self, params, masks, loss_fn, data, key, eval_fn, callback, history, "slimming", start

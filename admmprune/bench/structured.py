@@ -5,9 +5,11 @@ against training the small network from scratch; 2:4 rows; the compact networks'
     admmprune bench --suite structured --quick --out runs/quick   # epochs / 10
 
 Rows (each method a recipe in ``solvers/``): LeNet-300-100 and LeNet-5 on
-MNIST at 4x and 10x fewer MACs, with structured ADMM, one-shot group-norm
-pruning, L1-norm filter pruning, and the one-shot OBS refit, all retrained
-for equal epochs; then, for the architecture structured ADMM found,
+MNIST at 4x and 10x fewer MACs, the residual CNN on Fashion-MNIST at 2x and
+4x fewer MACs and one depth row (whole residual branches), with structured
+ADMM, one-shot group-norm pruning, L1-norm filter pruning, structured
+one-shot OBS and (with BatchNorm) network slimming, all retrained for equal
+epochs; then, for the architecture structured ADMM found,
 Scratch-E (a fresh init trained for the pipeline's epochs: dense plus
 pruning), Scratch-B (the same training compute, at most twice the epochs, as
 Liu et al., ICLR 2019, cap it) and the dense network uniformly narrowed to
@@ -35,21 +37,37 @@ from admmprune.bench.tables import (
 )
 from admmprune.recipes import load_recipe
 
-MODELS = ("lenet300", "lenet5")
-REDUCTIONS = ("4x", "10x")
+MODELS = ("lenet300", "lenet5", "rescnn")
 METHODS = ("admm", "magnitude", "l1", "obs")
 NM_METHODS = ("admm", "magnitude", "obs")
+
+
+def rows_of(model: str) -> list[tuple[str, list[tuple[str, str]], str]]:
+    """``(row name, [(recipe, method)], ADMM's recipe)`` for each structured row of a model."""
+    reductions = ("2x", "4x") if model == "rescnn" else ("4x", "10x")
+    methods = METHODS + (("slimming",) if model == "rescnn" else ())
+    rows = []
+    for red in reductions:
+        recipes = [(f"{model}_structured_{m}_{red}", m) for m in methods]
+        rows.append((f"{model} {red} fewer MACs", recipes, f"{model}_structured_admm_{red}"))
+    if model == "rescnn":
+        recipes = [(f"rescnn_depth_{m}_075", m) for m in ("admm", "magnitude")]
+        rows.append(("rescnn depth, 75% of MACs", recipes, "rescnn_depth_admm_075"))
+    return rows
+
+
 QUICK_FACTOR = 0.1
 NAMES = {
     "admm": "structured ADMM",
     "magnitude": "one-shot group norm + retrain",
     "l1": "L1-norm filter/neuron (Li et al.)",
     "obs": "structured one-shot OBS + retrain",
+    "slimming": "network slimming (Liu et al.)",
     "scratch_e": "Scratch-E (ADMM's architecture)",
     "scratch_b": "Scratch-B (ADMM's architecture)",
     "uniform": "uniformly narrowed, from scratch",
 }
-MODEL_NAMES = {"lenet300": "LeNet-300-100", "lenet5": "LeNet-5 (Caffe)"}
+MODEL_NAMES = {"lenet300": "LeNet-300-100", "lenet5": "LeNet-5 (Caffe)", "rescnn": "ResCNN"}
 
 
 def _row(report: dict[str, Any], method: str) -> dict[str, Any]:
@@ -184,19 +202,16 @@ def run_structured_benchmark(
         return report
 
     for model in models:
-        for red in REDUCTIONS:
-            row_name = f"{model} {red} fewer MACs"
-            for method in METHODS:
-                report = run(f"{model}_structured_{method}_{red}", method, row_name)
-                if method == "admm":
+        for row_name, recipes, admm_name in rows_of(model):
+            for name, method in recipes:
+                report = run(name, method, row_name)
+                if name == admm_name:
                     admm_report = report
-            recipe = load_recipe(solvers / f"{model}_structured_admm_{red}.toml")
+            recipe = load_recipe(solvers / f"{admm_name}.toml")
             if quick:
                 recipe = recipe.scaled(QUICK_FACTOR)
             epochs = admm_report["dense_epochs"] + admm_report["epochs"]
-            for r in scratch_runs(
-                recipe, out / f"{model}_structured_admm_{red}", epochs, quiet=quiet
-            ):
+            for r in scratch_runs(recipe, out / admm_name, epochs, quiet=quiet):
                 rows.append(r | {"row": row_name, "budget": admm_report["budget"]})
         for method in NM_METHODS if nm else ():
             run(f"{model}_nm24_{method}", method, f"{model} 2:4")
@@ -233,6 +248,16 @@ def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     f"ADMM {admm['test_error']:.2%} error; best {NAMES.get(best['method'])}"
                     f" {best['test_error']:.2%}",
                     best is admm or best["test_accuracy"] <= admm["test_accuracy"],
+                )
+            )
+        if admm is not None and name == "rescnn 2x fewer MACs":
+            loss = admm["dense_test_accuracy"] - admm["test_accuracy"]
+            targets.append(
+                target(
+                    f"{name}: structured ADMM loses at most 0.5 points against dense",
+                    f"{100 * loss:.2f} points ({admm['test_error']:.2%} vs dense "
+                    f"{1 - admm['dense_test_accuracy']:.2%})",
+                    loss <= 0.005,
                 )
             )
         if admm is not None and admm.get("latency") and admm["model"] != "lenet300":
