@@ -61,10 +61,20 @@ BUDGET_TYPES = ("param", "energy", *STRUCTURED_TYPES)  # and "package.module:Nam
 # The keys each structured budget type takes (besides ``type``).
 STRUCTURED_KEYS = {
     "channels": ("keep", "count", "per_layer", "allocation", "min_channels"),
-    "macs": ("macs_fraction", "macs", "units", "min_channels", "exact"),
+    "macs": ("macs_fraction", "macs", "units", "min_channels", "exact", "bound"),
     "nm": ("n", "m", "layers"),
 }
-NEW_BUDGET_KEYS = ("macs_fraction", "macs", "units", "min_channels", "exact", "n", "m", "layers")
+NEW_BUDGET_KEYS = (
+    "macs_fraction",
+    "macs",
+    "units",
+    "min_channels",
+    "exact",
+    "bound",
+    "n",
+    "m",
+    "layers",
+)
 
 
 class RecipeError(ValueError):
@@ -124,6 +134,7 @@ SCHEMA: dict[str, dict[str, _Key]] = {
         "units": _k(str, None, choices=("channels", "branches")),
         "min_channels": _k(int, None, minimum=1),
         "exact": _k(bool, None),
+        "bound": _k(bool, None),  # macs: report the LP bound and the projection's gap
         "n": _k(int, None, minimum=1),
         "m": _k(int, None, minimum=1),
         "layers": _k(list, None),  # nm: the kernels to constrain (default: every kernel)
@@ -187,6 +198,7 @@ SCHEMA: dict[str, dict[str, _Key]] = {
             str, "budget", choices=("budget", "obs"), methods=("oneshot", "admm")
         ),
         "block": _k(int, 128, minimum=1, methods=("oneshot",)),
+        "nm": _k(list, None, methods=("oneshot",)),  # [n, m]: fast_obs/exact_obs pick N:M
         "curve_points": _k(int, 40, minimum=2, methods=("oneshot", "admm")),
         "fisher_examples": _k(int, 1024, minimum=1, methods=("oneshot",)),
         "fisher_block": _k(int, 128, minimum=1, methods=("oneshot",)),
@@ -258,6 +270,8 @@ class Recipe:
         for key in ("type", *NEW_BUDGET_KEYS):  # unset: as before the keys existed
             if out["budget"].get(key) is None:
                 out["budget"].pop(key, None)
+        if out["solver"].get("nm", 0) is None:
+            out["solver"].pop("nm")
         return json.loads(json.dumps(out, default=str))
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> Recipe:

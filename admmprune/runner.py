@@ -172,6 +172,7 @@ def make_solver(
             fisher_damp=s["fisher_damp"],
             fisher_steps=s["fisher_steps"],
             fisher_examples=s["fisher_examples"],
+            nm=tuple(s["nm"]) if s["nm"] else None,
             finetune=admmprune.Finetune(
                 epochs=s["retrain_epochs"], optimizer=retrain if s["retrain_epochs"] else None
             ),

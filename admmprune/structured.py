@@ -269,6 +269,11 @@ class MacsBudget:
         macs: or the allowed MACs per example.
         exact: solve the counts exactly (a MILP; small networks) instead of
             the greedy.
+        bound: also report how far the projection can be from optimal: the
+            LP relaxation of the MILP bounds the kept energy from above, so
+            ``projection_gap = removed - (total - bound) >= 0`` certifies the
+            greedy's answer (figures ``projection_removed``, ``projection_gap``;
+            one LP per projection).
     """
 
     structure: Structure
@@ -277,6 +282,7 @@ class MacsBudget:
     units: Literal["channels", "branches"] = "channels"
     min_channels: int = 1
     exact: bool = False
+    bound: bool = False
 
     def __post_init__(self) -> None:
         if (self.keep is None) == (self.macs is None):
@@ -310,7 +316,7 @@ class MacsBudget:
     def select(self, scores: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
         """Kept channels for per-channel ``scores``: counts by greedy/MILP, top channels."""
         host = {k: np.asarray(v, np.float64) for k, v in scores.items()}
-        counts = (_exact_counts if self.exact else _greedy_counts)(self, host)
+        counts = _exact_counts(self, host)[0] if self.exact else _greedy_counts(self, host)
         return {
             g.name: _top_channels(jnp.asarray(scores[g.name]), counts[g.name])
             for g in self.structure.groups
@@ -345,7 +351,17 @@ class MacsBudget:
         """The budget's channels chosen by other scores (L1 norms, BatchNorm scales)."""
         keep = self.select(scores)
         masks = self.structure.masks(params, keep)
-        return Projection(masks, self._figures(self.structure.macs(_counts_of(keep))))
+        figures = self._figures(self.structure.macs(_counts_of(keep)))
+        if self.bound:
+            host = {k: np.asarray(v, np.float64) for k, v in scores.items()}
+            total = sum(float(np.nansum(v)) for v in host.values())
+            kept = sum(float(np.nansum(host[k][np.asarray(v)])) for k, v in keep.items())
+            _, upper = _exact_counts(self, host, integral=False)
+            figures |= {
+                "projection_removed": total - kept,
+                "projection_gap": max(0.0, upper - kept),
+            }
+        return Projection(masks, figures)
 
     def _figures(self, macs: float) -> dict[str, float]:
         return {"macs": macs, "macs_fraction": macs / self.structure.dense_macs}
@@ -389,6 +405,7 @@ class MacsBudget:
             "reduction": self.structure.dense_macs / self.capacity,
             "min_channels": self.min_channels,
             "exact": self.exact,
+            "bound": self.bound,
         }
 
 
@@ -472,14 +489,22 @@ def _greedy_counts(budget: MacsBudget, scores: Mapping[str, np.ndarray]) -> dict
     return {n: int(k) for n, k in zip(model.names, s, strict=True)}
 
 
-def _exact_counts(budget: MacsBudget, scores: Mapping[str, np.ndarray]) -> dict[str, int]:
+def _exact_counts(
+    budget: MacsBudget, scores: Mapping[str, np.ndarray], integral: bool = True
+) -> tuple[dict[str, int], float]:
     """Counts per group maximizing kept energy under the MACs capacity, as a MILP.
 
     One-hot ``z[g, s]`` picks group g's count s (its value is the prefix sum of
     its sorted energies); a layer between groups a and b costs
     ``u * p_a * s * t`` on ``w[s, t] = z[a, s] z[b, t]``, linearized exactly by
-    ``w >= z[a, s] + z[b, t] - 1``, ``w >= 0`` (minimizing cost pushes w down,
-    and one-hot rows make exactly one product 1). Solved by HiGHS.
+    its marginals ``sum_t w[s, t] = z[a, s]``, ``sum_s w[s, t] = z[b, t]``,
+    ``w >= 0`` (with one-hot z they leave exactly ``w[s*, t*] = 1``). Solved by
+    HiGHS; with ``integral=False`` the LP relaxation, whose value bounds the
+    kept energy of every feasible choice from above.
+
+    Returns:
+        ``(counts, kept energy)``; for the relaxation, the counts are those of
+        the largest z entry per group (not necessarily feasible).
     """
     from scipy.optimize import Bounds, LinearConstraint, milp
     from scipy.sparse import coo_matrix
@@ -536,20 +561,20 @@ def _exact_counts(budget: MacsBudget, scores: Mapping[str, np.ndarray]) -> dict[
         ri.append(np.zeros(na * nb, int))
         ci.append(w_idx)
         vi.append(coef * s_idx * t_idx)
-        rows = r + np.arange(na * nb)
-        ri += [rows, rows, rows]
-        ci += [w_idx, offsets[a] + s_idx, offsets[b] + t_idx]
-        vi += [np.ones(na * nb), -np.ones(na * nb), -np.ones(na * nb)]
-        lb += [-1.0] * (na * nb)
-        ub += [np.inf] * (na * nb)
-        r += na * nb
+        # marginals: sum_t w[s, t] = z[a, s] and sum_s w[s, t] = z[b, t]
+        ri += [r + s_idx, r + np.arange(na), r + na + t_idx, r + na + np.arange(nb)]
+        ci += [w_idx, offsets[a] + np.arange(na), w_idx, offsets[b] + np.arange(nb)]
+        vi += [np.ones(na * nb), -np.ones(na), np.ones(na * nb), -np.ones(nb)]
+        lb += [0.0] * (na + nb)
+        ub += [0.0] * (na + nb)
+        r += na + nb
     A = coo_matrix((np.concatenate(vi), (np.concatenate(ri), np.concatenate(ci))), shape=(r, var))
     lb, ub = np.asarray(lb), np.asarray(ub)
     upper = np.ones(var)
     for g in groups:
         upper[offsets[g.name] : offsets[g.name] + min(budget.min_channels, g.size)] = 0
     integrality = np.zeros(var)
-    integrality[: len(value)] = 1
+    integrality[: len(value)] = 1 if integral else 0
     res = milp(
         c,
         constraints=LinearConstraint(A.tocsr(), lb, ub),
@@ -558,10 +583,11 @@ def _exact_counts(budget: MacsBudget, scores: Mapping[str, np.ndarray]) -> dict[
     )
     if res.x is None:
         raise BudgetError(f"the MACs MILP found no solution ({res.message}).")
-    return {
+    counts = {
         g.name: int(np.argmax(res.x[offsets[g.name] : offsets[g.name] + g.size + 1]))
         for g in groups
     }
+    return counts, float(-res.fun)
 
 
 @dataclasses.dataclass(frozen=True)
