@@ -53,7 +53,7 @@ import numpy as np
 
 from admmprune._tree import PyTree, leaf_names, named_leaves
 from admmprune.budgets import BudgetError, Pricing, Projection
-from admmprune.groups import Structure
+from admmprune.groups import LayerCost, Structure
 from admmprune.projections import topk_mask_flat
 
 
@@ -363,6 +363,8 @@ class MacsBudget:
             }
         return Projection(masks, figures)
 
+    _what = "MACs"
+
     def _figures(self, macs: float) -> dict[str, float]:
         return {"macs": macs, "macs_fraction": macs / self.structure.dense_macs}
 
@@ -383,7 +385,7 @@ class MacsBudget:
                 )
             )
             raise BudgetError(
-                f"a MACs budget of {self.capacity:.6g} per example is below the smallest "
+                f"the {self._what} budget, {self.capacity:.6g} per example, is below the smallest "
                 f"reachable, {floor:.6g} {what}; use keep >= "
                 f"{floor / self.structure.dense_macs:.4g} of the dense {self.structure.dense_macs}."
             )
@@ -406,6 +408,72 @@ class MacsBudget:
             "min_channels": self.min_channels,
             "exact": self.exact,
             "bound": self.bound,
+        }
+
+
+def energy_structure(structure: Structure, model: Any) -> Structure:
+    """``structure`` with every layer's cost replaced by ECC's energy term.
+
+    ECC (Yang et al., CVPR 2019) models the energy as
+    ``E = b0 + sum_j a_j s_in(j) s_out(j)`` in kept channel *fractions*
+    (:class:`admmprune.bilinear.BilinearEnergy`; its chain ``s_{j-1} s_j``
+    is the sequential case). A layer's cost here is bilinear in its input and
+    output groups' kept counts, so the layer's term becomes a cost of dense
+    value ``a_j`` on the same groups, and ``b0`` a constant; every MACs
+    projection then works on energy unchanged.
+    """
+    terms = dict(zip(model.layers, model.a, strict=True))
+    unknown = sorted(set(terms) - {layer.kernel for layer in structure.layers})
+    if unknown:
+        raise BudgetError(
+            f"the energy model names layers {unknown} the network does not have; its layers "
+            f"are {[layer.kernel for layer in structure.layers]}."
+        )
+    layers = [
+        dataclasses.replace(x, macs=float(terms.get(x.kernel, 0.0))) for x in structure.layers
+    ]
+    layers.append(LayerCost("(constant)", float(model.b0), None, None, (1,), 1))
+    return dataclasses.replace(structure, layers=tuple(layers))
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelEnergyBudget(MacsBudget):
+    """Energy at most ``keep`` of the dense network's, under ECC's bilinear channel model.
+
+    The same projection as :class:`MacsBudget` (greedy counts, or the exact
+    MILP), on the layer costs of :func:`energy_structure`. ``macs=`` is the
+    absolute energy here.
+
+    Example:
+        >>> ChannelEnergyBudget(structure, keep=0.5, model=BilinearEnergy.fit(...))
+    """
+
+    model: Any = None
+    _what = "energy"
+
+    def __post_init__(self) -> None:
+        if self.model is None:
+            raise BudgetError("ChannelEnergyBudget needs model= (a BilinearEnergy).")
+        if self.units != "channels":
+            raise BudgetError('ChannelEnergyBudget prunes channels (units = "channels").')
+        object.__setattr__(self, "structure", energy_structure(self.structure, self.model))
+        super().__post_init__()
+
+    def _figures(self, macs: float) -> dict[str, float]:
+        return {"energy": macs, "energy_fraction": macs / self.structure.dense_macs}
+
+    def measure(self, params: PyTree) -> dict[str, float]:
+        return self._figures(self.structure.macs_of(jax.tree.map(lambda x: x != 0, params)))
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "type": "channel_energy",
+            "energy": self.capacity,
+            "dense_energy": self.structure.dense_macs,
+            "energy_fraction": self.capacity / self.structure.dense_macs,
+            "model": self.model.describe(),
+            "min_channels": self.min_channels,
+            "exact": self.exact,
         }
 
 
@@ -671,4 +739,11 @@ class NMBudget:
         return {"type": "n:m", "n": self.n, "m": self.m, "layers": list(self.layers or ())}
 
 
-__all__ = ["ChannelBudget", "MacsBudget", "NMBudget", "StructuredBudget"]
+__all__ = [
+    "ChannelBudget",
+    "ChannelEnergyBudget",
+    "MacsBudget",
+    "NMBudget",
+    "StructuredBudget",
+    "energy_structure",
+]
