@@ -188,7 +188,8 @@ class Structure:
                     )
                 n = shape[m.axis]
                 pos = m.positions(n)
-                if pos.shape != (n,) or pos.min(initial=0) < 0 or pos.max(initial=0) >= g.size:
+                bad = pos.shape != (n,) or pos.min(initial=0) < 0 or pos.max(initial=0) >= g.size
+                if bad or (m.index is None and n != g.size):
                     raise StructureError(
                         f"group {g.name!r}: {m.leaf} axis {m.axis} has {n} positions, which "
                         f"do not map onto the group's {g.size} channels."
@@ -327,6 +328,11 @@ class Structure:
         if layer.outputs is None or layer.outputs not in counts:
             return float(layer.out_width)
         return float(counts[layer.outputs])
+
+    @property
+    def statistics(self) -> set[str]:
+        """The leaves that are measured statistics (BatchNorm mean and var), not weights."""
+        return {m.leaf for g in self.groups for m in g.producers if m.statistic}
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from collections.abc import Mapping
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -52,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from admmprune._tree import PyTree, leaf_names, named_leaves
-from admmprune.budgets import BudgetError, Pricing, Projection
+from admmprune.budgets import BudgetError, Pricing, Projection, _largest_remainder
 from admmprune.groups import LayerCost, Structure
 from admmprune.projections import topk_mask_flat
 
@@ -69,6 +70,14 @@ class StructuredBudget(Protocol):
     structure: Structure
 
     def project_by(self, params: PyTree, scores: Mapping[str, jax.Array]) -> Projection: ...
+
+
+def _ceil_sig(x: float, digits: int = 4) -> str:
+    """``x`` rounded *up* to ``digits`` significant digits (a feasible suggestion)."""
+    if x <= 0:
+        return "0"
+    scale = 10 ** (digits - 1 - math.floor(math.log10(x)))
+    return f"{math.ceil(x * scale - 1e-9) / scale:.{digits}g}"
 
 
 def _flags(params: PyTree, names: set[str]) -> list[bool]:
@@ -159,8 +168,8 @@ class ChannelBudget:
                 out[name] = k
             return out
         if self.allocation == "uniform":
-            k = self._k()
-            return {n: round(k * s / self.total) for n, s in sizes.items()}
+            shares = _largest_remainder(self._k(), list(sizes.values()))
+            return dict(zip(sizes, shares, strict=True))
         return {}
 
     def _k(self) -> int:
@@ -180,11 +189,10 @@ class ChannelBudget:
                 for g in self.structure.groups
             }
         # Global: every group's top min_channels are kept first (a floor), then the best rest.
-        floor = min(self.min_channels, min(g.size for g in self.structure.groups))
         parts, sizes = [], []
         for g in self.structure.groups:
             s = jnp.asarray(scores[g.name], jnp.float32)
-            top = _top_channels(s, floor)
+            top = _top_channels(s, min(self.min_channels, g.size))
             parts.append(jnp.where(top, jnp.inf, jnp.nan_to_num(s, nan=-1.0)))
             sizes.append(g.size)
         flat = topk_mask_flat(jnp.concatenate(parts), self._k())
@@ -222,7 +230,7 @@ class ChannelBudget:
             raise BudgetError(
                 f"{self._k()} channels kept, but every one of the {len(sizes)} groups keeps at "
                 f"least {self.min_channels} (the network would be cut): keep at least "
-                f"{floor} of {self.total} (keep >= {floor / self.total:.4g})."
+                f"{floor} of {self.total} (keep >= {_ceil_sig(floor / self.total)})."
             )
 
     def relax(self, t: float) -> ChannelBudget:
@@ -326,7 +334,11 @@ class MacsBudget:
         """The kept branches: the most branch energy whose MACs fit (exact, by enumeration)."""
         by_name = named_leaves(params)
         branches = self.structure.branches
-        energy = [sum(float(jnp.sum(jnp.square(by_name[x]))) for x in b.leaves) for b in branches]
+        stats = self.structure.statistics  # measured, not weights: no part of the value
+        energy = [
+            sum(float(jnp.sum(jnp.square(by_name[x]))) for x in b.leaves if x not in stats)
+            for b in branches
+        ]
         if len(branches) > 16:
             raise BudgetError(f"{len(branches)} branches: the exact enumeration takes at most 16.")
         best, best_value = None, -1.0
@@ -387,7 +399,8 @@ class MacsBudget:
             raise BudgetError(
                 f"the {self._what} budget, {self.capacity:.6g} per example, is below the smallest "
                 f"reachable, {floor:.6g} {what}; use keep >= "
-                f"{floor / self.structure.dense_macs:.4g} of the dense {self.structure.dense_macs}."
+                f"{_ceil_sig(floor / self.structure.dense_macs)} of the dense "
+                f"{self.structure.dense_macs}."
             )
 
     def relax(self, t: float) -> MacsBudget:
