@@ -401,6 +401,7 @@ class _Tracer:
         self.shapes = shapes
         self.nodes: list[_Node] = []
         self.layers: list[dict[str, Any]] = []
+        self.owner: dict[tuple[int, int, str], int] = {}  # (leaf, axis, role) -> its node
 
     # union-find over nodes
     def find(self, i: int) -> int:
@@ -433,7 +434,16 @@ class _Tracer:
                     self.nodes[self.find(ax[0])].fixed = True
 
     def attach(self, node: int, chmap: np.ndarray, par: _Par, axis: int, role: str) -> None:
-        """Records the leaves of ``par`` along ``axis`` as members of ``node``."""
+        """Records the leaves of ``par`` along ``axis`` as members of ``node``.
+
+        A leaf axis that produces (or reads) channels of two nodes -- a layer
+        called twice, tied weights -- joins them: one slice of the weights
+        serves both.
+        """
+        for leaf, leaf_axis, _ in par.axes[axis]:
+            prev = self.owner.setdefault((leaf, leaf_axis, role), node)
+            if self.find(prev) != self.find(node):
+                node = self.union(prev, node)
         n = self.nodes[self.find(node)]
         for leaf, leaf_axis, coord in par.axes[axis]:
             index = _channel_index(coord, chmap, self.shapes[leaf][leaf_axis])
@@ -780,7 +790,14 @@ class _Tracer:
             axes = []
             for a, lab in enumerate(x.axes):
                 if lab is not None:
-                    lab = (lab[0], lab[1][starts[a] : limits[a] : strides[a]])
+                    part = lab[1][starts[a] : limits[a] : strides[a]]
+                    if len(part) != len(lab[1]):
+                        # A fixed slice of channels reads fixed positions: the compact
+                        # network would read other channels there. Not prunable.
+                        self.nodes[self.find(lab[0])].fixed = True
+                        lab = None
+                    else:
+                        lab = (lab[0], part)
                 axes.append(lab)
             return _Act(tuple(axes))
         return _Par(

@@ -139,8 +139,13 @@ class ChannelBudget:
             )
         if self.per_layer is not None:
             object.__setattr__(self, "per_layer", dict(self.per_layer))
-            for name in self.per_layer:
-                self.structure.group(name)
+            names = {g.name for g in self.structure.groups}
+            unknown = sorted(set(self.per_layer) - names)
+            if unknown:
+                raise BudgetError(
+                    f"per_layer names {unknown}, which are not channel groups; groups are "
+                    f"{sorted(names)}."
+                )
 
     def __hash__(self) -> int:
         return hash(
@@ -682,8 +687,9 @@ class NMBudget:
 
     Args:
         n, m: keep ``n`` of every ``m`` (2:4, 4:8).
-        layers: the kernel names to constrain (default: every prunable kernel
-            whose reduction size M divides).
+        layers: the kernel names to constrain (default: every kernel, i.e.
+            every leaf with two or more axes; :meth:`check` names a kernel
+            whose reduction size M does not divide, to leave out here).
     """
 
     n: int = 2
