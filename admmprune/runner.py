@@ -423,7 +423,9 @@ def solve(
         time.perf_counter() - start,
     )
     report["energy"] = recipe.energy_model().breakdown(result.params)
-    compact_info = export_compact(recipe, solver.budget, params, result, out)
+    compact_info = export_compact(
+        recipe, solver.budget, params, result, out, tuple(test[0].shape[1:])
+    )
     if compact_info is not None:
         report["compact"] = compact_info
     if resumed_from is not None:
@@ -435,7 +437,12 @@ def solve(
 
 
 def export_compact(
-    recipe: Recipe, budget: Budget, dense: Any, result: PruneResult, out: Path
+    recipe: Recipe,
+    budget: Budget,
+    dense: Any,
+    result: PruneResult,
+    out: Path,
+    input_shape: tuple[int, ...] | None = None,
 ) -> dict[str, Any] | None:
     """For a channel or branch budget: the compact network, saved and timed beside the dense.
 
@@ -456,8 +463,8 @@ def export_compact(
     model = _network(recipe)
     masks = jax.tree.map(lambda x: x != 0, result.params)
     small, small_params = compact(model, result.params, masks, budget.structure)
-    shape = INPUT_SHAPES[recipe.problem["model"]]
-    compact_macs = derive(small, shape).dense_macs
+    compact_macs = derive(small, INPUT_SHAPES[recipe.problem["model"]]).dense_macs
+    shape = input_shape or INPUT_SHAPES[recipe.problem["model"]]  # what the data feeds it
     _, dense_apply = split_nnx(model, train=False)
     _, small_apply = split_nnx(small, train=False)
     timing = compare_latency((dense_apply, dense), (small_apply, small_params), shape)
