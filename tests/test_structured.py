@@ -881,3 +881,31 @@ def test_magnitude_prune_with_a_channel_budget_compacts_to_the_kept_widths():
         atol=1e-5,
     )
     assert result.budget == budget.describe()
+
+
+def test_channel_energy_with_macs_coefficients_is_the_macs_budget():
+    """ECC's bilinear model with a_j = layer MACs and b0 = 0 prices exactly the MACs."""
+    from admmprune.bilinear import BilinearEnergy
+    from admmprune.structured import ChannelEnergyBudget
+
+    model = models.LeNet5(nnx.Rngs(0))
+    s = derive(model, (28, 28, 1))
+    params, _ = split_nnx(model)
+    energy = BilinearEnergy(
+        tuple(x.kernel for x in s.layers), 0.0, tuple(float(x.macs) for x in s.layers)
+    )
+    for keep in (0.3, 0.12):
+        a = MacsBudget(s, keep=keep).project(params)
+        b = ChannelEnergyBudget(s, keep=keep, model=energy).project(params)
+        assert s.kept(a.masks)[0].keys() == s.kept(b.masks)[0].keys()
+        for name, kept in s.kept(a.masks)[0].items():
+            np.testing.assert_array_equal(kept, s.kept(b.masks)[0][name])
+        assert b.figures["energy"] == a.figures["macs"]
+    shifted = BilinearEnergy(energy.layers, 1e5, energy.a)
+    budget = ChannelEnergyBudget(s, keep=0.5, model=shifted)
+    assert budget.describe()["dense_energy"] == s.dense_macs + 1e5
+    assert budget.project(params).figures["energy"] <= budget.capacity
+    with pytest.raises(BudgetError, match="below the smallest reachable"):
+        ChannelEnergyBudget(s, keep=0.01, model=shifted).check(params)
+    with pytest.raises(BudgetError, match="does not have"):
+        ChannelEnergyBudget(s, keep=0.5, model=BilinearEnergy(("nope",), 0.0, (1.0,)))
