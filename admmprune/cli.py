@@ -1,7 +1,7 @@
 """The ``admmprune`` command line.
 
     admmprune solve RECIPE --out DIR [--quiet] [--json] [--resume] [--set KEY=VALUE ...]
-    admmprune bench [--suite param|energy|obs|structured|all] [--quick] [--out DIR]
+    admmprune bench [--suite param|energy|obs|structured|projections|all] [--quick] [--out DIR]
     admmprune fetch-data [--dataset mnist|fashion-mnist|all] [--dir DIR]
 
 Exit status: 0 on success, 2 for a bad recipe, an infeasible budget or
@@ -117,6 +117,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.suite in ("obs", "all"):
         out = Path(args.out) / "obs" if args.suite == "all" else Path(args.out)
         run_obs_benchmark(out, solvers=Path(args.solvers), quick=args.quick, quiet=args.quiet)
+    if args.suite in ("projections", "all"):
+        from admmprune.bench.projections import run as run_projections
+        from admmprune.bench.projections import table as projections_table
+
+        out = Path(args.out) / "projections" if args.suite == "all" else Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        sizes = (10**6,) if args.quick else (10**6, 10**7, 10**8)
+        result = run_projections(sizes=sizes, repeats=3, quick=args.quick)
+        (out / "results.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+        (out / "results.md").write_text(projections_table(result))
+        if not args.quiet:
+            print(projections_table(result))
     if args.suite in ("structured", "all"):
         from admmprune.bench.structured import run_structured_benchmark
 
@@ -177,13 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--only", action="append", help="run only recipes whose name contains this")
     b.add_argument(
         "--suite",
-        choices=("param", "energy", "obs", "structured", "all"),
+        choices=("param", "energy", "obs", "structured", "projections", "all"),
         default="all",
         help="param: parameter budgets (LeNet-300, LeNet-5); energy: LeNet-5 under energy "
         "budgets and the knapsack projection (into OUT/energy with 'all'); obs: one-shot "
         "LeNet-300-100, fast OBS timing, ADMM's OBS hard prune (into OUT/obs with 'all'); "
         "structured: fewer MACs by neurons/filters, scratch controls, 2:4, compact speed "
-        "(into OUT/structured with 'all')",
+        "(into OUT/structured with 'all'); projections: top-k and 2:4 projection speed "
+        "against numpy.argpartition at 1e6/1e7/1e8 weights, single-threaded (run it in a "
+        "fresh process: the XLA thread flags must be set before JAX starts)",
     )
     b.add_argument(
         "--budgets",
