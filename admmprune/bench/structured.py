@@ -21,6 +21,7 @@ per model (ADMM, magnitude, OBS refit; no compact network, no speed figure).
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -165,6 +166,21 @@ def scratch_runs(
     return out
 
 
+class _Rows(list):
+    """The suite's rows, each also appended to ``rows.jsonl`` as it completes (a long
+    suite that is stopped keeps what it measured)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+        path.write_text("")
+
+    def append(self, row: dict[str, Any]) -> None:
+        super().append(row)
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
 def run_structured_benchmark(
     out: Path,
     *,
@@ -183,7 +199,7 @@ def run_structured_benchmark(
 
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    rows: list[dict[str, Any]] = []
+    rows = _Rows(out / "rows.jsonl")
 
     def run(name: str, method: str, row_name: str) -> dict[str, Any]:
         recipe = load_recipe(solvers / f"{name}.toml")
@@ -216,7 +232,7 @@ def run_structured_benchmark(
         for method in NM_METHODS if nm else ():
             run(f"{model}_nm24_{method}", method, f"{model} 2:4")
     results = results_header("admmprune bench --suite structured", quick, started)
-    results |= {"runs": rows, "targets": check_targets(rows)}
+    results |= {"runs": list(rows), "targets": check_targets(rows)}
     return write_results(out, results, markdown_table, quiet)
 
 
