@@ -217,10 +217,10 @@ def make_solver(
         from admmprune.structured import StructuredBudget
         from admmprune.structured_baselines import L1FilterPrune, NetworkSlimming, StructuredOBS
 
-        if not isinstance(budget, StructuredBudget):
+        if not isinstance(budget, StructuredBudget) or budget.describe().get("units") == "branches":
             raise ValueError(
                 f'method "{recipe.method}" ranks channels: it takes [budget] type = "channels" '
-                'or "macs".'
+                'or "macs" (with units = "channels").'
             )
         finetune = admmprune.Finetune(epochs=s["retrain_epochs"])
         if recipe.method == "structured_obs":

@@ -113,8 +113,10 @@ class ChannelBudget:
     Say how many with one of ``keep`` (a fraction of all channels), ``count``
     or ``per_layer`` (group name -> kept fraction (float) or count (int);
     groups not named stay whole). ``allocation="global"`` ranks all channels
-    together, ``"uniform"`` keeps the same fraction of every group. At least
-    ``min_channels`` channels of every group stay, so no layer is cut.
+    together, keeping at least ``min_channels`` of every group, so no layer is
+    cut; ``"uniform"`` keeps the same fraction of every group (largest
+    remainder). Per-layer and uniform counts must be at least 1 in every
+    group (:meth:`check`).
 
     The projection keeps the top-k channels by producer energy ``||v_c||^2``
     (exact; see the module docstring).
@@ -366,6 +368,11 @@ class MacsBudget:
 
     def project_by(self, params: PyTree, scores: Mapping[str, jax.Array]) -> Projection:
         """The budget's channels chosen by other scores (L1 norms, BatchNorm scales)."""
+        if self.units == "branches":
+            raise BudgetError(
+                'a budget over residual branches (units = "branches") ranks branches, not '
+                "channels: use ADMM or magnitude pruning with it."
+            )
         keep = self.select(scores)
         masks = self.structure.masks(params, keep)
         figures = self._figures(self.structure.macs(_counts_of(keep)))

@@ -107,6 +107,11 @@ class L1FilterPrune:
         )
 
 
+_UNRANKED = (
+    1e30  # above any |gamma|, below a channel budget's floor (inf); finite for the MACs greedy
+)
+
+
 def norm_scales(budget: StructuredBudget, params: PyTree) -> dict[str, list[str]]:
     """Per group, the one-dimensional producer leaves named ``*scale`` (BatchNorm's gamma)."""
     leaves = named_leaves(params)
@@ -128,8 +133,9 @@ class NetworkSlimming:
     ``|gamma|`` (summed over the BatchNorms of a residual-joined group) and the
     budget keeps the largest; ``finetune`` retrains.
 
-    A group without a BatchNorm scale is not pruned (it ranks above every
-    other channel).
+    A group without a BatchNorm scale ranks above every other channel (below
+    only the budget's per-group floors), so it is pruned only when the budget
+    cannot be met otherwise.
 
     Raises:
         ValueError: when no group has a BatchNorm scale.
@@ -182,7 +188,7 @@ class NetworkSlimming:
         leaves = named_leaves(params)
         size = {g.name: g.size for g in self.budget.structure.groups}
         scores = {  # a group without BatchNorm is not slimmed: it ranks above every other
-            g: sum(jnp.abs(leaves[leaf]) for leaf in s) if s else jnp.full(size[g], jnp.inf)
+            g: sum(jnp.abs(leaves[leaf]) for leaf in s) if s else jnp.full(size[g], _UNRANKED)
             for g, s in scales.items()
         }
         masks = self.budget.project_by(params, scores).masks
