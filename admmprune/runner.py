@@ -453,7 +453,7 @@ def export_compact(
     times at batch 256 and 1, measured side by side.
     """
     from admmprune.compact import compact, compare_latency, save_compact
-    from admmprune.groups import derive
+    from admmprune.groups import derive, kept_counts
     from admmprune.models import INPUT_SHAPES
     from admmprune.nnx import split_nnx
     from admmprune.structured import StructuredBudget
@@ -468,7 +468,7 @@ def export_compact(
     _, dense_apply = split_nnx(model, train=False)
     _, small_apply = split_nnx(small, train=False)
     timing = compare_latency((dense_apply, dense), (small_apply, small_params), shape)
-    channels = {k: int(v) for k, v in _kept_counts(budget.structure, masks).items()}
+    channels = kept_counts(budget.structure, masks)
     save_compact(out, small, small_params, shape, info={"channels": channels})
     dense_macs = budget.structure.dense_macs
 
@@ -486,12 +486,6 @@ def export_compact(
         "device": str(jax.devices()[0].device_kind),
         "files": ["compact.npz", "compact.json", "compact.jaxexport"],
     }
-
-
-def _kept_counts(structure: Any, masks: Any) -> dict[str, int]:
-    from admmprune.groups import kept_counts
-
-    return kept_counts(structure, masks)
 
 
 def _mean(xs: list[float]) -> float | None:
