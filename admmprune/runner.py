@@ -433,6 +433,10 @@ def solve(
     (out / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     if plots:
         report["plots"] = save_plots(report, out)
+    # A run's compiled functions are of no use to the next one, and each XLA:CPU
+    # executable keeps memory mappings alive: a benchmark suite of many runs in one
+    # process would otherwise pass vm.max_map_count and crash inside XLA.
+    jax.clear_caches()
     return report
 
 

@@ -1,5 +1,17 @@
-"""Shared test settings: hypothesis without deadlines (first calls compile)."""
+"""Shared test settings: hypothesis without deadlines (first calls compile); compiled
+code freed after each test module."""
 
+import gc
+import os
+
+# Pins OpenBLAS's kernels before numpy and scipy load it. jax's CPU LAPACK calls
+# (the Cholesky factorizations of OBS) go through scipy's OpenBLAS, which picks its
+# kernels by CPU model at load time, so float64 results -- and a golden hash of
+# them -- otherwise differ between CPUs in their last bits. Haswell's kernels run on
+# any x86-64 CPU with AVX2; tests/test_golden.py checks that the pin took effect.
+os.environ.setdefault("OPENBLAS_CORETYPE", "Haswell")
+
+import jax
 import pytest
 from hypothesis import HealthCheck, settings
 
@@ -10,6 +22,21 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile("admmprune")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_code():
+    """Drops JAX's compilation caches after each test module.
+
+    Every XLA:CPU executable holds a few memory mappings of JIT code; the whole
+    suite compiles thousands of them in one process and, kept alive by the jit
+    caches, they pass Linux's default ``vm.max_map_count`` (65530), after which
+    the next compile segfaults inside XLA. Tests share no compiled state across
+    modules, so clearing costs only recompiles.
+    """
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture
