@@ -31,6 +31,8 @@ from admmprune.models import accuracy, cross_entropy_loss, split_nnx
 from admmprune.training import train
 
 GOLDEN = Path(__file__).with_name("golden.json")
+# The BLAS kernels the golden hashes were recorded with (tests/conftest.py pins them).
+BLAS_CORE = "Haswell"
 WRITE = os.environ.get("ADMMPRUNE_WRITE_GOLDEN") == "1"
 TIMING = {"seconds", "wall_seconds", "solver_wall_seconds", "timing", "environment", "plots"}
 
@@ -44,6 +46,42 @@ class MLP(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x = jax.nn.relu(self.fc1(x.reshape(x.shape[0], -1)))
         return self.fc3(jax.nn.relu(self.fc2(x)))
+
+
+def _openblas_cores() -> dict[str, str]:
+    """The kernel family of every OpenBLAS loaded in this process, by library file."""
+    import ctypes
+
+    cores = {}
+    libs = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()}
+    for path in sorted(p for p in libs if "openblas" in Path(p).name.lower()):
+        lib = ctypes.CDLL(path)
+        for symbol in (
+            "scipy_openblas_get_corename64_",
+            "scipy_openblas_get_corename",
+            "openblas_get_corename64_",
+            "openblas_get_corename",
+        ):
+            if hasattr(lib, symbol):
+                get = getattr(lib, symbol)
+                get.restype = ctypes.c_char_p
+                cores[Path(path).name] = get().decode()
+                break
+    return cores
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _pinned_blas():
+    """The hashes hold only with the BLAS kernels they were recorded with."""
+    if not Path("/proc/self/maps").exists():
+        pytest.skip("golden hashes are checked on Linux, where the OpenBLAS kernels are pinned")
+    jax.scipy.linalg.cho_factor(jax.numpy.eye(2))  # loads jax's LAPACK (scipy's OpenBLAS)
+    cores = _openblas_cores()
+    wrong = {lib: core for lib, core in cores.items() if core != BLAS_CORE}
+    assert cores and not wrong, (
+        f"OpenBLAS runs {wrong or 'nowhere'} kernels, not {BLAS_CORE}: set "
+        f"OPENBLAS_CORETYPE={BLAS_CORE} before numpy loads (tests/conftest.py does)"
+    )
 
 
 @pytest.fixture(scope="module")
