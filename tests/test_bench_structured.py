@@ -72,3 +72,58 @@ def test_table_lists_dense_then_every_method() -> None:
     lines = [ln for ln in text.splitlines() if ln.startswith("| lenet5")]
     assert "dense" in lines[0] and "structured ADMM" in lines[1] and "Scratch-B" in lines[2]
     assert "3.00x / 1.20x" in lines[1]
+
+
+def test_a_stopped_suite_reuses_its_finished_runs_and_controls(tmp_path, monkeypatch) -> None:
+    import json
+
+    from admmprune.bench import structured
+
+    solved, controls = [], []
+
+    def fake_solve(recipe, out, *, label, quiet, plots):
+        found = structured.finished_report(recipe, out)
+        if found is not None:
+            return found
+        solved.append(label)
+        method = label.split("_")[2]
+        report = {k: v for k, v in _row(method, 0.98).items() if k not in ("row", "method")}
+        report |= {"solver_wall_seconds": 1.0, "recipe": recipe.as_dict()}
+        report["compact"] = {
+            k: report[k]
+            for k in (
+                "compact_macs",
+                "dense_macs",
+                "macs_reduction",
+                "compact_parameters",
+                "dense_parameters",
+                "latency",
+            )
+        }
+        report["compact"]["channels"] = {}
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.json").write_text(json.dumps(report))
+        return report
+
+    def fake_scratch(recipe, admm_dir, epochs, *, quiet=False):
+        controls.append(admm_dir.name)
+        return [_row(m, 0.97) for m in structured.SCRATCH]
+
+    monkeypatch.setattr(structured, "solve_or_reuse", fake_solve)
+    monkeypatch.setattr(structured, "scratch_runs", fake_scratch)
+    run = lambda: structured.run_structured_benchmark(  # noqa: E731
+        tmp_path, quiet=True, models=("lenet300",), nm=False
+    )
+    first = run()
+    assert len(solved) == 8 and controls == [
+        "lenet300_structured_admm_4x",
+        "lenet300_structured_admm_10x",
+    ]
+    # Stopped after the 4x row: the 10x ADMM run and the rows file lose their tail.
+    lines = (tmp_path / "rows.jsonl").read_text().splitlines()
+    (tmp_path / "rows.jsonl").write_text("\n".join(lines[:7]) + "\n")
+    (tmp_path / "lenet300_structured_admm_10x" / "report.json").unlink()
+    second = run()
+    assert solved[8:] == ["lenet300_structured_admm_10x"]
+    assert controls[2:] == ["lenet300_structured_admm_10x"]
+    assert len(second["runs"]) == len(first["runs"]) == 14

@@ -41,6 +41,7 @@ import numpy as np
 from admmprune.bench.tables import (
     measured_line,
     results_header,
+    solve_or_reuse,
     target,
     targets_table,
     write_results,
@@ -61,34 +62,6 @@ COMPETITORS = ("projected_sgd", "blind_admm")  # the issue's three: energy ADMM 
 def run_dir(out: Path, name: str, seed: int) -> Path:
     """A run's directory: ``out/name`` for seed 0 (as before seeds), ``out/name-seed<s>``."""
     return out / (name if seed == 0 else f"{name}-seed{seed}")
-
-
-def solve_or_reuse(recipe: Recipe, out: Path, *, label: str, quiet: bool, plots: bool):
-    """``runner.solve``, unless ``out/report.json`` was written by this very recipe.
-
-    A benchmark that stops part way (or one run again with more seeds or
-    budgets) picks up its finished runs instead of repeating them (a report
-    older than some recipe key matches where the recipe has that key's
-    default: :meth:`Recipe.matches`); a report from any other recipe is
-    overwritten by a fresh run.
-    """
-    import json
-
-    from admmprune.progress import Progress, total_epochs
-    from admmprune.runner import solve
-
-    done = out / "report.json"
-    if done.exists():
-        report = json.loads(done.read_text())
-        if recipe.matches(report.get("recipe", {})):
-            if not quiet:
-                print(f"{label}: reusing {done}", flush=True)
-            return report
-    progress = Progress(total_epochs(recipe), label, enabled=not quiet)
-    try:
-        return solve(recipe, out, callback=progress, plots=plots)
-    finally:
-        progress.close()
 
 
 def largest_count_within(params: Any, model: Any, limit: float) -> int:

@@ -30,8 +30,10 @@ import jax
 import numpy as np
 
 from admmprune.bench.tables import (
+    finished_report,
     measured_line,
     results_header,
+    solve_or_reuse,
     target,
     targets_table,
     write_results,
@@ -68,6 +70,7 @@ NAMES = {
     "scratch_b": "Scratch-B (ADMM's architecture)",
     "uniform": "uniformly narrowed, from scratch",
 }
+SCRATCH = ("scratch_e", "scratch_b", "uniform")
 MODEL_NAMES = {"lenet300": "LeNet-300-100", "lenet5": "LeNet-5 (Caffe)", "rescnn": "ResCNN"}
 
 
@@ -173,6 +176,11 @@ class _Rows(list):
     def __init__(self, path: Path) -> None:
         super().__init__()
         self.path = path
+        self.before = (
+            [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            if path.exists()
+            else []
+        )
         path.write_text("")
 
     def append(self, row: dict[str, Any]) -> None:
@@ -192,25 +200,25 @@ def run_structured_benchmark(
 ) -> dict[str, Any]:
     """Runs the suite; writes ``DIR/<recipe>/``, ``results.json`` and ``results.md``.
 
-    ``models`` limits it to some models; ``nm=False`` skips the 2:4 rows.
+    ``models`` limits it to some models; ``nm=False`` skips the 2:4 rows. Runs
+    finished in ``out`` by the same recipe are reused, and with them the Scratch
+    and uniform controls that ``rows.jsonl`` holds, so a stopped suite resumes.
     """
-    from admmprune.progress import Progress, total_epochs
-    from admmprune.runner import solve, validate
+    from admmprune.runner import validate
 
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     rows = _Rows(out / "rows.jsonl")
+    reused: set[str] = set()
 
     def run(name: str, method: str, row_name: str) -> dict[str, Any]:
         recipe = load_recipe(solvers / f"{name}.toml")
         if quick:
             recipe = recipe.scaled(QUICK_FACTOR)
         validate(recipe)
-        progress = Progress(total_epochs(recipe), name, enabled=not quiet)
-        try:
-            report = solve(recipe, out / name, callback=progress, plots=False)
-        finally:
-            progress.close()
+        if finished_report(recipe, out / name) is not None:
+            reused.add(name)
+        report = solve_or_reuse(recipe, out / name, label=name, quiet=quiet, plots=False)
         row = _row(report, method) | {"row": row_name, "recipe": name}
         rows.append(row)
         if not quiet:
@@ -227,7 +235,14 @@ def run_structured_benchmark(
             if quick:
                 recipe = recipe.scaled(QUICK_FACTOR)
             epochs = admm_report["dense_epochs"] + admm_report["epochs"]
-            for r in scratch_runs(recipe, out / admm_name, epochs, quiet=quiet):
+            # The controls of a reused ADMM run are reused too, if the stopped suite
+            # had finished them.
+            old = [r for r in rows.before if r["row"] == row_name and r["method"] in SCRATCH]
+            if admm_name in reused and {r["method"] for r in old} == set(SCRATCH):
+                controls = old
+            else:
+                controls = scratch_runs(recipe, out / admm_name, epochs, quiet=quiet)
+            for r in controls:
                 rows.append(r | {"row": row_name, "budget": admm_report["budget"]})
         for method in NM_METHODS if nm else ():
             run(f"{model}_nm24_{method}", method, f"{model} 2:4")

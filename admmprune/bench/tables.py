@@ -17,6 +17,43 @@ from typing import Any
 
 import jax
 
+from admmprune.recipes import Recipe
+
+
+def finished_report(recipe: Recipe, out: Path) -> dict[str, Any] | None:
+    """``out/report.json`` if this very recipe wrote it (:meth:`Recipe.matches`), else None."""
+    done = out / "report.json"
+    if not done.exists():
+        return None
+    report = json.loads(done.read_text())
+    return report if recipe.matches(report.get("recipe", {})) else None
+
+
+def solve_or_reuse(
+    recipe: Recipe, out: Path, *, label: str, quiet: bool, plots: bool
+) -> dict[str, Any]:
+    """``runner.solve``, unless ``out/report.json`` was written by this very recipe.
+
+    A benchmark that stops part way (or one run again with more seeds or
+    budgets) picks up its finished runs instead of repeating them (a report
+    older than some recipe key matches where the recipe has that key's
+    default: :meth:`Recipe.matches`); a report from any other recipe is
+    overwritten by a fresh run.
+    """
+    from admmprune.progress import Progress, total_epochs
+    from admmprune.runner import solve
+
+    report = finished_report(recipe, out)
+    if report is not None:
+        if not quiet:
+            print(f"{label}: reusing {out / 'report.json'}", flush=True)
+        return report
+    progress = Progress(total_epochs(recipe), label, enabled=not quiet)
+    try:
+        return solve(recipe, out, callback=progress, plots=plots)
+    finally:
+        progress.close()
+
 
 def results_header(command: str, quick: bool, started: float) -> dict[str, Any]:
     """What every suite's ``results.json`` opens with: command, date, device, wall time."""
