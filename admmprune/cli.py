@@ -130,11 +130,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(projections_table(result))
     if args.suite in ("structured", "all"):
-        from admmprune.bench.structured import run_structured_benchmark
+        from admmprune.bench.structured import MODELS, run_structured_benchmark
 
         out = Path(args.out) / "structured" if args.suite == "all" else Path(args.out)
+        models = tuple(args.models.split(",")) if args.models else MODELS
+        unknown = sorted(set(models) - set(MODELS))
+        if unknown:
+            from admmprune.recipes import RecipeError
+
+            raise RecipeError(f"--models: unknown {unknown}; the structured suite has {MODELS}")
         run_structured_benchmark(
-            out, solvers=Path(args.solvers), quick=args.quick, quiet=args.quiet
+            out, solvers=Path(args.solvers), quick=args.quick, quiet=args.quiet, models=models
         )
     return 0
 
@@ -198,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(into OUT/structured with 'all'); projections: top-k and 2:4 projection speed "
         "against numpy.argpartition at 1e6/1e7/1e8 weights, single-threaded (run it in a "
         "fresh process: the XLA thread flags must be set before JAX starts)",
+    )
+    b.add_argument(
+        "--models",
+        help="structured suite: comma-separated models (default lenet300,lenet5,rescnn); "
+        "finished runs in OUT are reused, so a stopped suite resumes",
     )
     b.add_argument(
         "--budgets",

@@ -331,3 +331,11 @@ def test_admm_energy_recipe_with_an_obs_layer_allocation(tmp_path):
     assert report["budget"]["fraction"] == pytest.approx(0.1)
     assert {x["name"]: x["nonzero"] for x in report["per_layer"]} == counts
     assert report["energy"]["fraction"] <= 0.1 * (1 + 1e-9)
+
+
+def test_structured_bench_names_an_unknown_model(tmp_path, capsys):
+    args = ["bench", "--suite", "structured", "--models", "lenet5,resnet50", "--out", str(tmp_path)]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "unknown ['resnet50']" in err and "rescnn" in err
+    assert not any(tmp_path.iterdir())  # nothing ran
