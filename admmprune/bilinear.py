@@ -129,8 +129,6 @@ class BilinearEnergy:
         Returns:
             The fitted model and its :class:`BilinearFit`.
         """
-        from scipy.optimize import lsq_linear
-
         kept = np.asarray(kept, np.float64)
         energy = np.asarray(energy, np.float64)
         n_layers = len(layers)
@@ -145,17 +143,29 @@ class BilinearEnergy:
                 f"measure at least {n_layers + 1} configurations."
             )
         s = np.concatenate([np.full((kept.shape[0], 1), input_kept), kept], axis=1)
-        design = np.concatenate([np.ones((kept.shape[0], 1)), s[:, :-1] * s[:, 1:]], axis=1)
-        sol = lsq_linear(design, energy, bounds=(0.0, np.inf))
-        model = cls(tuple(layers), float(sol.x[0]), tuple(map(float, sol.x[1:])), input_kept)
-        pred = design @ sol.x
-        resid = pred - energy
-        ss_tot = float(np.sum((energy - energy.mean()) ** 2))
-        r2 = 1.0 - float(np.sum(resid**2)) / ss_tot if ss_tot > 0 else 1.0
-        rel = np.abs(resid) / np.maximum(np.abs(energy), 1e-300)
-        return model, BilinearFit(
-            r2, float(np.sqrt(np.mean(resid**2))), float(rel.max()), int(kept.shape[0])
-        )
+        coef, fit = fit_terms(s[:, :-1] * s[:, 1:], energy)
+        return cls(tuple(layers), float(coef[0]), tuple(map(float, coef[1:])), input_kept), fit
 
 
-__all__ = ["BilinearEnergy", "BilinearFit", "kept_channels"]
+def fit_terms(terms: np.ndarray, energy: np.ndarray) -> tuple[np.ndarray, BilinearFit]:
+    """``[b0, a_1..a_L] >= 0`` minimizing ``||b0 + terms @ a - energy||^2``.
+
+    ``terms`` is ``(m, L)``: each measured configuration's bilinear term
+    ``s_in(j) s_out(j)`` per layer. A bounded linear least-squares problem
+    (``scipy.optimize.lsq_linear``; nonnegative, since no layer gives energy back).
+    """
+    from scipy.optimize import lsq_linear
+
+    terms = np.asarray(terms, np.float64)
+    energy = np.asarray(energy, np.float64)
+    design = np.concatenate([np.ones((terms.shape[0], 1)), terms], axis=1)
+    sol = lsq_linear(design, energy, bounds=(0.0, np.inf))
+    resid = design @ sol.x - energy
+    ss_tot = float(np.sum((energy - energy.mean()) ** 2))
+    r2 = 1.0 - float(np.sum(resid**2)) / ss_tot if ss_tot > 0 else 1.0
+    rel = np.abs(resid) / np.maximum(np.abs(energy), 1e-300)
+    fit = BilinearFit(r2, float(np.sqrt(np.mean(resid**2))), float(rel.max()), len(energy))
+    return sol.x, fit
+
+
+__all__ = ["BilinearEnergy", "BilinearFit", "fit_terms", "kept_channels"]

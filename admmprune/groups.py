@@ -300,6 +300,18 @@ class Structure:
             total += layer.unit * self._rows(layer, counts) * self._cols(layer, counts)
         return total
 
+    def layer_macs(
+        self, counts: Mapping[str, float], branches: Mapping[str, bool] | None = None
+    ) -> dict[str, float]:
+        """Every kernel's MACs per example at the kept counts of :meth:`macs` (a kernel
+        called twice sums its calls; a removed branch's layers count 0)."""
+        out: dict[str, float] = {}
+        for layer in self.layers:
+            kept = layer.branch is None or (branches or {}).get(layer.branch, True)
+            value = layer.unit * self._rows(layer, counts) * self._cols(layer, counts)
+            out[layer.kernel] = out.get(layer.kernel, 0.0) + (value if kept else 0.0)
+        return out
+
     def macs_of(self, masks: PyTree) -> float:
         """MACs per example of the network ``masks`` leaves (channels and branches)."""
         channels, branches = self.kept(masks)

@@ -56,12 +56,13 @@ METHODS = (
 PRUNERS = ONE_SHOT_METHODS
 OPTIMIZERS = ("adam", "sgd", "momentum", "adamw")
 SCHEDULES = ("constant", "cosine")
-STRUCTURED_TYPES = ("channels", "macs", "nm")
+STRUCTURED_TYPES = ("channels", "macs", "channel_energy", "nm")
 BUDGET_TYPES = ("param", "energy", *STRUCTURED_TYPES)  # and "package.module:Name", a user's
 # The keys each structured budget type takes (besides ``type``).
 STRUCTURED_KEYS = {
     "channels": ("keep", "count", "per_layer", "allocation", "min_channels"),
     "macs": ("macs_fraction", "macs", "units", "min_channels", "exact", "bound"),
+    "channel_energy": ("energy_fraction", "energy", "min_channels", "exact", "samples"),
     "nm": ("n", "m", "layers"),
 }
 NEW_BUDGET_KEYS = (
@@ -74,6 +75,7 @@ NEW_BUDGET_KEYS = (
     "n",
     "m",
     "layers",
+    "samples",
 )
 
 
@@ -138,6 +140,8 @@ SCHEMA: dict[str, dict[str, _Key]] = {
         "n": _k(int, None, minimum=1),
         "m": _k(int, None, minimum=1),
         "layers": _k(list, None),  # nm: the kernels to constrain (default: every kernel)
+        # channel_energy: configurations measured to fit ECC's bilinear model (default 64)
+        "samples": _k(int, None, minimum=2),
     },
     "energy": {  # the energy model: energy budgets use it, every report states it
         "model": _k(str, "accelerator", choices=("accelerator", "linear")),
@@ -464,6 +468,29 @@ def _macs_budget(recipe: Recipe) -> Budget:
     return MacsBudget(structure_of(recipe), **given)
 
 
+def _channel_energy_budget(recipe: Recipe) -> Budget:
+    """ECC's setting: the ``[energy]`` model, fitted bilinear in channel counts."""
+    from admmprune.models import init_model
+    from admmprune.structured import ChannelEnergyBudget, fit_channel_energy
+
+    given = _given(recipe, STRUCTURED_KEYS["channel_energy"])
+    structure = structure_of(recipe)
+    params, _ = init_model(recipe.problem["model"])
+    model, fit = fit_channel_energy(
+        structure,
+        recipe.energy_model(),
+        params,
+        samples=given.pop("samples", 64),
+        seed=recipe.problem["seed"],
+        min_channels=given.get("min_channels", 1),
+    )
+    if "energy_fraction" in given:
+        given["keep"] = given.pop("energy_fraction")
+    if "energy" in given:
+        given["macs"] = given.pop("energy")
+    return ChannelEnergyBudget(structure, model=model, fit=fit, **given)
+
+
 def _nm_budget(recipe: Recipe) -> Budget:
     from admmprune.structured import NMBudget
 
@@ -475,6 +502,7 @@ BUDGET_BUILDERS: dict[str, Callable[[Recipe], Budget]] = {
     "energy": _energy_budget,
     "channels": _channel_budget,
     "macs": _macs_budget,
+    "channel_energy": _channel_energy_budget,
     "nm": _nm_budget,
 }
 

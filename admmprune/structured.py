@@ -461,6 +461,56 @@ def energy_structure(structure: Structure, model: Any) -> Structure:
     return dataclasses.replace(structure, layers=tuple(layers))
 
 
+def fit_channel_energy(
+    structure: Structure,
+    energy: Any,
+    params: PyTree,
+    *,
+    samples: int = 64,
+    seed: int = 0,
+    min_channels: int = 1,
+) -> tuple[Any, Any]:
+    """ECC's bilinear energy model, fitted to ``energy`` measured on channel-pruned networks.
+
+    ECC (Yang et al., CVPR 2019) measures sampled channel configurations and
+    fits ``E ~ b0 + sum_j a_j f_j`` with ``a_j >= 0``, where ``f_j`` is the
+    fraction of layer j's dense MACs that the configuration keeps (``s_in(j)
+    s_out(j)`` in kept channel fractions; bounded least squares,
+    :func:`admmprune.bilinear.fit_terms`). Here a configuration keeps the first
+    ``k_g`` channels of every prunable group, ``k_g`` uniform in ``[min_channels,
+    size]`` (seeded), and is measured by ``energy.energy(masks)`` on its
+    masks, consumers included; the dense network is one of the ``samples``.
+    Any energy model with ``energy(params)`` works, e.g. the issue-5
+    :class:`admmprune.energy.AcceleratorEnergy`.
+
+    Returns:
+        ``(BilinearEnergy over the structure's kernels, BilinearFit)``.
+    """
+    from admmprune.bilinear import BilinearEnergy, fit_terms
+
+    if samples < len(structure.layers) + 2:
+        raise BudgetError(
+            f"samples={samples} cannot fit {len(structure.layers) + 1} coefficients "
+            f"reliably; use at least {len(structure.layers) + 2}."
+        )
+    rng = np.random.default_rng(seed)
+    groups = structure.groups
+    kernels = list(dict.fromkeys(layer.kernel for layer in structure.layers))
+    dense = structure.layer_macs({g.name: g.size for g in groups})
+    terms, measured = [], []
+    for i in range(samples):
+        counts = {
+            g.name: g.size if i == 0 else int(rng.integers(min(min_channels, g.size), g.size + 1))
+            for g in groups
+        }
+        keep = {g.name: np.arange(g.size) < counts[g.name] for g in groups}
+        macs = structure.layer_macs(counts)
+        terms.append([macs[k] / dense[k] if dense[k] else 0.0 for k in kernels])
+        measured.append(energy.energy(structure.masks(params, keep)))
+    coef, fit = fit_terms(np.asarray(terms), np.asarray(measured))
+    return BilinearEnergy(tuple(kernels), float(coef[0]), tuple(map(float, coef[1:]))), fit
+
+
 @dataclasses.dataclass(frozen=True)
 class ChannelEnergyBudget(MacsBudget):
     """Energy at most ``keep`` of the dense network's, under ECC's bilinear channel model.
@@ -474,6 +524,7 @@ class ChannelEnergyBudget(MacsBudget):
     """
 
     model: Any = None
+    fit: Any = None  # the model's BilinearFit, reported by describe
     _what = "energy"
 
     def __post_init__(self) -> None:
@@ -499,7 +550,7 @@ class ChannelEnergyBudget(MacsBudget):
             "model": self.model.describe(),
             "min_channels": self.min_channels,
             "exact": self.exact,
-        }
+        } | ({} if self.fit is None else {"fit": dataclasses.asdict(self.fit)})
 
 
 def _sorted_desc(s: np.ndarray) -> np.ndarray:
@@ -772,4 +823,5 @@ __all__ = [
     "NMBudget",
     "StructuredBudget",
     "energy_structure",
+    "fit_channel_energy",
 ]

@@ -69,3 +69,28 @@ def test_ranking_methods_need_a_structured_budget() -> None:
     validate(_recipe({"type": "macs", "macs_fraction": 0.5}, {"method": "structured_obs"}))
     scaled = _recipe({"type": "macs", "macs_fraction": 0.5}, {"method": "slimming"}).scaled(0.1)
     assert scaled.solver["sparsity_epochs"] == 1
+
+
+def test_channel_energy_recipe_fits_the_energy_section_and_checks_its_keys():
+    recipe = parse_recipe(
+        {
+            "problem": {"model": "lenet5", "data": "synthetic"},
+            "budget": {"type": "channel_energy", "energy_fraction": 0.3, "samples": 16},
+            "solver": {"method": "magnitude"},
+        },
+        name="ce",
+    )
+    d = recipe.budget_object().describe()
+    assert d["type"] == "channel_energy" and d["energy_fraction"] == 0.3
+    assert d["fit"]["samples"] == 16 and d["fit"]["r2"] > 0.9
+    given = {k: v for k, v in recipe.as_dict()["budget"].items() if v is not None}
+    assert given == {"type": "channel_energy", "energy_fraction": 0.3, "samples": 16}
+    with pytest.raises(RecipeError, match="not settings of type = 'channel_energy'"):
+        parse_recipe(
+            {
+                "problem": {"model": "lenet5", "data": "synthetic"},
+                "budget": {"type": "channel_energy", "macs_fraction": 0.3},
+                "solver": {"method": "magnitude"},
+            },
+            name="ce",
+        )

@@ -909,3 +909,29 @@ def test_channel_energy_with_macs_coefficients_is_the_macs_budget():
         ChannelEnergyBudget(s, keep=0.01, model=shifted).check(params)
     with pytest.raises(BudgetError, match="does not have"):
         ChannelEnergyBudget(s, keep=0.5, model=BilinearEnergy(("nope",), 0.0, (1.0,)))
+
+
+def test_fit_channel_energy_recovers_an_exactly_bilinear_energy():
+    """Measured by MACs (ECC's model holds exactly), the fit gives a_j = dense MACs_j, b0 = 0."""
+    from admmprune.structured import ChannelEnergyBudget, fit_channel_energy
+
+    model = models.LeNet5(nnx.Rngs(0))
+    s = derive(model, (28, 28, 1))
+    params, _ = split_nnx(model)
+
+    class MacsEnergy:
+        def energy(self, masks):
+            return s.macs_of(masks) + 1000.0
+
+    energy, fit = fit_channel_energy(s, MacsEnergy(), params, samples=24, seed=3)
+    dense = {x.kernel: x.macs for x in s.layers}
+    assert energy.layers == tuple(dense)
+    np.testing.assert_allclose(energy.a, list(dense.values()), rtol=1e-6)
+    np.testing.assert_allclose(energy.b0, 1000.0, rtol=1e-6)
+    assert fit.r2 > 1 - 1e-9 and fit.samples == 24
+    budget = ChannelEnergyBudget(s, keep=0.3, model=energy, fit=fit)
+    assert budget.describe()["fit"]["samples"] == 24
+    projected = budget.project(params)
+    assert MacsEnergy().energy(s.masks(params, s.kept(projected.masks)[0])) <= budget.capacity
+    with pytest.raises(BudgetError, match="use at least"):
+        fit_channel_energy(s, MacsEnergy(), params, samples=3)
