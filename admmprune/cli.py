@@ -96,7 +96,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from admmprune.bench.energy import run_energy_benchmark
     from admmprune.bench.obs import run_obs_benchmark
     from admmprune.bench.param import run_benchmark
+    from admmprune.bench.structured import MODELS, run_structured_benchmark
+    from admmprune.recipes import RecipeError
 
+    models = MODELS
+    if args.models is not None:  # checked before any suite runs
+        if args.suite not in ("structured", "all"):
+            raise RecipeError(
+                "--models picks models of the structured suite: add --suite structured"
+            )
+        names = [m.strip() for m in args.models.split(",") if m.strip()]
+        unknown = sorted(set(names) - set(MODELS))
+        if unknown or not names:
+            raise RecipeError(
+                f"--models: unknown {unknown or 'none given'}; the structured suite has "
+                f"{', '.join(MODELS)}"
+            )
+        models = tuple(dict.fromkeys(names))
     if args.suite in ("param", "all"):
         run_benchmark(
             Path(args.out),
@@ -130,15 +146,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(projections_table(result))
     if args.suite in ("structured", "all"):
-        from admmprune.bench.structured import MODELS, run_structured_benchmark
-
         out = Path(args.out) / "structured" if args.suite == "all" else Path(args.out)
-        models = tuple(args.models.split(",")) if args.models else MODELS
-        unknown = sorted(set(models) - set(MODELS))
-        if unknown:
-            from admmprune.recipes import RecipeError
-
-            raise RecipeError(f"--models: unknown {unknown}; the structured suite has {MODELS}")
         run_structured_benchmark(
             out, solvers=Path(args.solvers), quick=args.quick, quiet=args.quiet, models=models
         )

@@ -358,12 +358,26 @@ def solve(
     (written after every iteration, with its history in ``checkpoint.json``)
     if the same recipe wrote it. Returns the report (``report.json``'s content).
     """
+    try:
+        return _solve(recipe, Path(out_dir), callback, resume, plots)
+    finally:
+        # A run's compiled functions are of no use to the next one, and each XLA:CPU
+        # executable keeps memory mappings alive: a benchmark suite of many runs in
+        # one process would otherwise pass vm.max_map_count and crash inside XLA.
+        jax.clear_caches()
+
+
+def _solve(
+    recipe: Recipe, out: Path, callback: Callback | None, resume: bool, plots: bool
+) -> dict[str, Any]:
     start = time.perf_counter()
     validate(recipe)
-    out = Path(out_dir)
     train, test = load_data(recipe)
     check_batch_sizes(recipe, int(train[0].shape[0]))
     out.mkdir(parents=True, exist_ok=True)
+    # A report marks a finished run: an earlier one's must not sit beside this
+    # run's params while it works (a benchmark would take them for finished).
+    (out / "report.json").unlink(missing_ok=True)
     params, apply, dense_info = dense_params(recipe, train, callback)
     loss_fn = cross_entropy_loss(apply)
     calibrate = calibrator(recipe, train)
@@ -430,13 +444,11 @@ def solve(
         report["compact"] = compact_info
     if resumed_from is not None:
         report["resumed_from_iteration"] = resumed_from
-    (out / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+    written = out / "report.json.partial"
+    written.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+    written.replace(out / "report.json")  # last and atomic: a report means finished
     if plots:
         report["plots"] = save_plots(report, out)
-    # A run's compiled functions are of no use to the next one, and each XLA:CPU
-    # executable keeps memory mappings alive: a benchmark suite of many runs in one
-    # process would otherwise pass vm.max_map_count and crash inside XLA.
-    jax.clear_caches()
     return report
 
 

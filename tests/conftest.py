@@ -3,17 +3,27 @@ code freed after each test module."""
 
 import gc
 import os
+import platform
+from collections.abc import Iterator
+from pathlib import Path
 
 # Pins OpenBLAS's kernels before numpy and scipy load it. jax's CPU LAPACK calls
 # (the Cholesky factorizations of OBS) go through scipy's OpenBLAS, which picks its
 # kernels by CPU model at load time, so float64 results -- and a golden hash of
 # them -- otherwise differ between CPUs in their last bits. Haswell's kernels run on
-# any x86-64 CPU with AVX2; tests/test_golden.py checks that the pin took effect.
-os.environ.setdefault("OPENBLAS_CORETYPE", "Haswell")
+# any x86-64 CPU with AVX2 (elsewhere the pin would fault or be ignored, so it is
+# set only there); tests/test_golden.py checks that the pin took effect.
+_CPUINFO = Path("/proc/cpuinfo")
+if (
+    platform.machine().lower() in ("x86_64", "amd64")
+    and _CPUINFO.exists()
+    and " avx2" in _CPUINFO.read_text()
+):
+    os.environ.setdefault("OPENBLAS_CORETYPE", "Haswell")
 
-import jax
-import pytest
-from hypothesis import HealthCheck, settings
+import jax  # noqa: E402 (after the pin)
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(
     "admmprune",
@@ -25,7 +35,7 @@ settings.load_profile("admmprune")
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _free_compiled_code():
+def _free_compiled_code() -> Iterator[None]:
     """Drops JAX's compilation caches after each test module.
 
     Every XLA:CPU executable holds a few memory mappings of JIT code; the whole

@@ -102,6 +102,7 @@ def test_a_stopped_suite_reuses_its_finished_runs_and_controls(tmp_path, monkeyp
         }
         report["compact"]["channels"] = {}
         out.mkdir(parents=True, exist_ok=True)
+        (out / "params.npz").write_text(f"{label} {len(solved)}")  # new params each solve
         (out / "report.json").write_text(json.dumps(report))
         return report
 
@@ -111,19 +112,30 @@ def test_a_stopped_suite_reuses_its_finished_runs_and_controls(tmp_path, monkeyp
 
     monkeypatch.setattr(structured, "solve_or_reuse", fake_solve)
     monkeypatch.setattr(structured, "scratch_runs", fake_scratch)
-    run = lambda: structured.run_structured_benchmark(  # noqa: E731
-        tmp_path, quiet=True, models=("lenet300",), nm=False
-    )
+
+    def run() -> dict:
+        return structured.run_structured_benchmark(
+            tmp_path, quiet=True, models=("lenet300",), nm=False
+        )
+
     first = run()
     assert len(solved) == 8 and controls == [
         "lenet300_structured_admm_4x",
         "lenet300_structured_admm_10x",
     ]
-    # Stopped after the 4x row: the 10x ADMM run and the rows file lose their tail.
-    lines = (tmp_path / "rows.jsonl").read_text().splitlines()
-    (tmp_path / "rows.jsonl").write_text("\n".join(lines[:7]) + "\n")
-    (tmp_path / "lenet300_structured_admm_10x" / "report.json").unlink()
+    # Stopped in the 10x row: its ADMM report was cut off mid-write, and the rows
+    # file lost its tail (it is a log; the controls live beside their ADMM run).
+    (tmp_path / "rows.jsonl").write_text('{"row": "lenet300 4x fe')
+    report = tmp_path / "lenet300_structured_admm_10x" / "report.json"
+    report.write_text(report.read_text()[:50])
     second = run()
     assert solved[8:] == ["lenet300_structured_admm_10x"]
+    # The re-solved ADMM run has new params: its controls are trained again.
     assert controls[2:] == ["lenet300_structured_admm_10x"]
     assert len(second["runs"]) == len(first["runs"]) == 14
+    assert run()["runs"] == second["runs"] and len(solved) == 9 and len(controls) == 3
+    # A suite from before controls.json finds its controls in rows.jsonl.
+    for path in tmp_path.glob("*/controls.json"):
+        path.unlink()
+    assert run()["runs"] == second["runs"] and len(controls) == 3
+    assert len(list(tmp_path.glob("*/controls.json"))) == 2

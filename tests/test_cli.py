@@ -339,3 +339,18 @@ def test_structured_bench_names_an_unknown_model(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "unknown ['resnet50']" in err and "rescnn" in err
     assert not any(tmp_path.iterdir())  # nothing ran
+
+
+@pytest.mark.parametrize(
+    ("suite", "models", "says"),
+    [
+        ("all", "lenet5,resnet50", "unknown ['resnet50']"),  # before the param suite runs
+        ("structured", " , ", "unknown none given"),
+        ("param", "lenet5", "add --suite structured"),
+    ],
+)
+def test_bench_checks_models_before_any_suite_runs(tmp_path, capsys, suite, models, says):
+    args = ["bench", "--suite", suite, "--models", models, "--out", str(tmp_path / "b")]
+    assert cli.main(args) == 2
+    assert says in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()

@@ -40,3 +40,30 @@ def test_solve_with_a_macs_budget_writes_the_compact_network(tmp_path) -> None:
     x = load_data(recipe)[1][0][:16]
     np.testing.assert_allclose(f(x), evaluator(recipe)(pruned, x), atol=1e-5)
     assert int(sum(np.size(a) for a in jax.tree.leaves(small))) == c["compact_parameters"]
+
+
+def test_a_failed_run_leaves_no_earlier_report_behind(tmp_path, monkeypatch) -> None:
+    import pytest
+
+    from admmprune import runner
+
+    recipe = parse_recipe(
+        {
+            "problem": {"model": "lenet300", "data": "synthetic", "seed": 0},
+            "data": {"synthetic_train": 256, "synthetic_test": 64},
+            "dense": {"epochs": 1, "cache": False},
+            "budget": {"type": "macs", "macs_fraction": 0.25},
+            "solver": {"method": "l1_filter", "retrain_epochs": 1, "batch_size": 64},
+        },
+        name="tiny",
+    )
+    (tmp_path / "report.json").write_text('{"recipe": "an earlier run"}')
+
+    def broken(*args, **kwargs):
+        raise FloatingPointError("diverged")
+
+    monkeypatch.setattr(runner, "export_compact", broken)
+    with pytest.raises(FloatingPointError):
+        solve(recipe, tmp_path, plots=False)
+    # params.npz of the failed run is there, but no report claims it finished.
+    assert (tmp_path / "params.npz").exists() and not (tmp_path / "report.json").exists()

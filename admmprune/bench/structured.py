@@ -21,6 +21,7 @@ per model (ADMM, magnitude, OBS refit; no compact network, no speed figure).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -170,23 +171,56 @@ def scratch_runs(
 
 
 class _Rows(list):
-    """The suite's rows, each also appended to ``rows.jsonl`` as it completes (a long
-    suite that is stopped keeps what it measured)."""
+    """This invocation's rows, each also appended to ``rows.jsonl`` as it completes
+    (a long suite that is stopped keeps what it measured).
+
+    ``before`` holds the rows an earlier invocation left in the file, read before
+    it is started afresh: suites from before controls were kept beside their ADMM
+    run (``controls.json``) find them there.
+    """
 
     def __init__(self, path: Path) -> None:
         super().__init__()
         self.path = path
-        self.before = (
-            [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            if path.exists()
-            else []
-        )
+        self.before = []
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    self.before.append(json.loads(line))
+                except json.JSONDecodeError:  # a line cut off when a run was killed
+                    continue
         path.write_text("")
 
     def append(self, row: dict[str, Any]) -> None:
         super().append(row)
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def saved_controls(admm_dir: Path, epochs: int) -> list[dict[str, Any]] | None:
+    """The Scratch and uniform rows kept in ``admm_dir/controls.json``, if they were
+    trained for the architecture now in ``admm_dir/params.npz`` and for ``epochs``."""
+    try:
+        saved = json.loads((admm_dir / "controls.json").read_text())
+        fresh = saved["params_sha256"] == _digest(admm_dir / "params.npz")
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return None
+    if not fresh or saved.get("epochs") != epochs:
+        return None
+    rows = saved.get("rows")
+    return rows if {r.get("method") for r in rows} == set(SCRATCH) else None
+
+
+def save_controls(admm_dir: Path, epochs: int, rows: list[dict[str, Any]]) -> None:
+    """Keeps the controls beside the ADMM run whose architecture they trained."""
+    record = {"params_sha256": _digest(admm_dir / "params.npz"), "epochs": epochs, "rows": rows}
+    partial = admm_dir / "controls.json.partial"
+    partial.write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
+    partial.replace(admm_dir / "controls.json")
 
 
 def run_structured_benchmark(
@@ -202,7 +236,9 @@ def run_structured_benchmark(
 
     ``models`` limits it to some models; ``nm=False`` skips the 2:4 rows. Runs
     finished in ``out`` by the same recipe are reused, and with them the Scratch
-    and uniform controls that ``rows.jsonl`` holds, so a stopped suite resumes.
+    and uniform controls kept beside the ADMM run they copy
+    (``DIR/<admm recipe>/controls.json``), so a stopped suite resumes and one
+    run for some models leaves the others' results alone.
     """
     from admmprune.runner import validate
 
@@ -235,13 +271,19 @@ def run_structured_benchmark(
             if quick:
                 recipe = recipe.scaled(QUICK_FACTOR)
             epochs = admm_report["dense_epochs"] + admm_report["epochs"]
-            # The controls of a reused ADMM run are reused too, if the stopped suite
-            # had finished them.
-            old = [r for r in rows.before if r["row"] == row_name and r["method"] in SCRATCH]
-            if admm_name in reused and {r["method"] for r in old} == set(SCRATCH):
-                controls = old
-            else:
+            # The controls of a reused ADMM run are reused too, if they were finished.
+            controls = saved_controls(out / admm_name, epochs)
+            old = [r for r in rows.before if r.get("row") == row_name and r["method"] in SCRATCH]
+            if (
+                controls is None
+                and admm_name in reused
+                and {r["method"] for r in old} == set(SCRATCH)
+            ):
+                controls = [{k: v for k, v in r.items() if k not in ("row", "budget")} for r in old]
+                save_controls(out / admm_name, epochs, controls)
+            if controls is None:
                 controls = scratch_runs(recipe, out / admm_name, epochs, quiet=quiet)
+                save_controls(out / admm_name, epochs, controls)
             for r in controls:
                 rows.append(r | {"row": row_name, "budget": admm_report["budget"]})
         for method in NM_METHODS if nm else ():

@@ -22,10 +22,12 @@ from admmprune.recipes import Recipe
 
 def finished_report(recipe: Recipe, out: Path) -> dict[str, Any] | None:
     """``out/report.json`` if this very recipe wrote it (:meth:`Recipe.matches`), else None."""
-    done = out / "report.json"
-    if not done.exists():
+    try:
+        report = json.loads((out / "report.json").read_text())
+    except (OSError, json.JSONDecodeError):  # none, or cut off: not finished
         return None
-    report = json.loads(done.read_text())
+    if not isinstance(report, dict):
+        return None
     return report if recipe.matches(report.get("recipe", {})) else None
 
 
