@@ -33,6 +33,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from admmprune.projections import (
+    _CHUNK,
+    _fold_chunks,
+    _key_bits,
+    _monotone_key,
+    _select,
+    _tie_cut,
+)
+
 
 class KnapsackStats(NamedTuple):
     """How good a knapsack answer is, in projection terms (Python floats).
@@ -64,12 +73,98 @@ class KnapsackStats(NamedTuple):
 
 
 def greedy_core(
-    values: jax.Array, costs: jax.Array, capacity: jax.Array
+    values: jax.Array, costs: jax.Array, capacity: jax.Array, chunk: int = _CHUNK
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
     """The traceable greedy: ``(mask, removed, bound, cost, kept, total)``.
 
-    Trace it with float64 enabled (``jax.enable_x64``) so the running cost
-    sum is exact enough; :func:`greedy_knapsack` does.
+    The answer of :func:`greedy_by_sort` without the sort. In the sorted order
+    (ratio descending, ties by position) the prefix that fits ends at the
+    *break item* b, the first whose running cost passes the capacity; its ratio
+    key ``t`` is the largest key whose items at or above it cost more than C,
+    found by a cost-weighted radix select (histograms of summed costs over
+    16-bit digits of the ratio's monotone key, as the top-k mask does), and b
+    is the tie at ``t`` where the running cost of ``C_{>t}`` plus the ties
+    before it passes C. Then
+
+        prefix_i = key_i > t  or  (key_i = t and i < b).
+
+    The fill takes, while one fits, the best-ratio item left out that fits
+    (the earliest on ties), which is the sorted order's next fitting item.
+    O(n) per pass, two passes for float32 ratios. Trace it with float64
+    enabled (``jax.enable_x64``) so the cost sums are exact enough;
+    :func:`greedy_knapsack` does. ``chunk`` is a parameter only so that tests
+    reach the chunked loops on small inputs.
+    """
+    n = values.shape[0]
+    ratio = values / costs.astype(values.dtype)
+    bits = _key_bits(ratio.dtype)
+    if bits is None or n >= 2**31 or n == 0:  # int32 positions; non-float ratios
+        return greedy_by_sort(values, costs, capacity)
+    key = _monotone_key(ratio, bits)
+    index = jnp.arange(n, dtype=jnp.int32)
+
+    def sums(mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+        """Float64 sums of the costs and values (where ``mask``), in one chunked pass."""
+
+        def add(
+            pieces: tuple[jax.Array, ...], acc: tuple[jax.Array, jax.Array]
+        ) -> tuple[jax.Array, jax.Array]:
+            c, v, *m = (p.astype(jnp.float64) for p in pieces)
+            if m:
+                c, v = c * m[0], v * m[0]
+            return acc[0] + jnp.sum(c), acc[1] + jnp.sum(v)
+
+        zero = jnp.zeros((), jnp.float64)
+        xs = (costs, values) if mask is None else (costs, values, mask)
+        return _fold_chunks(xs, add, (zero, zero), chunk)
+
+    total_cost, total = sums(None)
+
+    def with_break() -> tuple[jax.Array, jax.Array]:
+        t, above, _ = _select(ratio, capacity, bits, chunk, costs)
+        b = _tie_cut(ratio, t, capacity - above, bits, chunk, costs) - 1
+        return (key > t) | ((key == t) & (index < b)), b
+
+    def without() -> tuple[jax.Array, jax.Array]:  # everything fits, or nothing can
+        return jnp.full((n,), capacity >= 0), jnp.asarray(n, jnp.int32)
+
+    fits_all = (total_cost <= capacity) | (capacity < 0)
+    prefix, b = jax.lax.cond(fits_all, without, with_break)
+    cost, prefix_value = sums(prefix)
+    # Dantzig's LP bound: the break item, in the fraction that fits.
+    has_break = b < n
+    bi = jnp.minimum(b, n - 1)
+    c_b, v_b = costs[bi].astype(jnp.float64), values[bi].astype(jnp.float64)
+    lp_value = prefix_value + jnp.where(has_break, (capacity - cost) / c_b * v_b, 0.0)
+
+    # Fill: while some item left out still fits the leftover capacity, add the
+    # best-ratio one (argmax takes the earliest of equal keys; every
+    # nonnegative ratio's key is above 0, so a 0 marks "none fits"). One pass
+    # per added item; the leftover is below the break item's cost, so at most
+    # max(c) / min(c) of them.
+    def best_fit(keep: jax.Array, cost: jax.Array) -> tuple[jax.Array, jax.Array]:
+        fit = jnp.where(~keep & (costs <= capacity - cost), key, 0)
+        i = jnp.argmax(fit)
+        return i, fit[i] > 0
+
+    def fill_body(carry: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+        keep, cost, value, i, _ = carry
+        keep = keep.at[i].set(True)
+        cost, value = cost + costs[i].astype(jnp.float64), value + values[i].astype(jnp.float64)
+        return keep, cost, value, *best_fit(keep, cost)
+
+    keep, cost, kept_value, _, _ = jax.lax.while_loop(
+        lambda carry: carry[4], fill_body, (prefix, cost, prefix_value, *best_fit(prefix, cost))
+    )
+    return keep, total - kept_value, total - lp_value, cost, jnp.sum(keep), total
+
+
+def greedy_by_sort(
+    values: jax.Array, costs: jax.Array, capacity: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+    """:func:`greedy_core` by a stable sort: O(n log n), the reference it matches.
+
+    Kept as the oracle for tests and the projection benchmark.
     """
     n = values.shape[0]
     ratio = values / costs.astype(values.dtype)
@@ -81,14 +176,10 @@ def greedy_core(
     prefix = cum <= capacity  # costs > 0, so ``cum`` increases and this is a prefix
     count = jnp.sum(prefix)
     cost = jnp.where(count > 0, cum[jnp.maximum(count - 1, 0)], 0.0)
-    # Dantzig's LP bound: the first item that does not fit, in the fraction that does.
     nxt = jnp.minimum(count, n - 1)
     fraction = jnp.where(count < n, (capacity - cost) / c_sorted[nxt], 0.0)
     lp_value = jnp.sum(jnp.where(prefix, v_sorted, 0.0)) + fraction * v_sorted[nxt]
 
-    # Fill: while some item left out still fits the leftover capacity, add the
-    # best-ratio one. The leftover is below the break item's cost, so this runs
-    # at most max(c) / min(c) times, each pass vectorized.
     def fill_cond(carry: tuple[jax.Array, jax.Array]) -> jax.Array:
         keep, cost = carry
         return jnp.any(~keep & (c_sorted <= capacity - cost))
@@ -105,7 +196,7 @@ def greedy_core(
     return mask, total - kept_value, total - lp_value, cost, jnp.sum(keep), total
 
 
-_greedy = jax.jit(greedy_core)
+_greedy = jax.jit(greedy_core, static_argnames=("chunk",))
 
 
 def greedy_knapsack(

@@ -82,117 +82,157 @@ def _monotone_key(x: jax.Array, bits: int) -> jax.Array:
 
 
 # ------------------------------------------------------------- radix select
-def _fold_chunks(x: jax.Array, fn: Any, init: Any, chunk: int) -> Any:
-    """``fn(piece, acc)`` folded over ``x`` in ``chunk``-sized pieces, then the tail.
+def _fold_chunks(xs: tuple[jax.Array, ...], fn: Any, init: Any, chunk: int) -> Any:
+    """``fn(pieces, acc)`` folded over the arrays ``xs`` (one length) in
+    ``chunk``-sized pieces, then the tail.
 
     A loop over cache-sized chunks, because XLA:CPU does not fuse an
     elementwise producer into a scatter or a reduction: over the whole array
     it would write an n-sized intermediate first.
     """
-    n = x.shape[0]
+    n = xs[0].shape[0]
     full = n // chunk
     acc = init
     if full == 1:
-        acc = fn(x[:chunk], acc)
+        acc = fn(tuple(x[:chunk] for x in xs), acc)
     elif full > 1:
-        acc = jax.lax.fori_loop(
-            0, full, lambda i, a: fn(jax.lax.dynamic_slice(x, (i * chunk,), (chunk,)), a), acc
-        )
+
+        def body(i: jax.Array, a: Any) -> Any:
+            return fn(tuple(jax.lax.dynamic_slice(x, (i * chunk,), (chunk,)) for x in xs), a)
+
+        acc = jax.lax.fori_loop(0, full, body, acc)
     if n > full * chunk:
-        acc = fn(x[full * chunk :], acc)
+        acc = fn(tuple(x[full * chunk :] for x in xs), acc)
     return acc
 
 
+def _sum_dtype(weights: jax.Array | None) -> Any:
+    """Counts add up in int32; weights in float64 (trace with ``jax.enable_x64``)."""
+    return jnp.int32 if weights is None else jnp.float64
+
+
 def _digit_histogram(
-    x: jax.Array, bits: int, shift: int, prefix: jax.Array, chunk: int
+    x: jax.Array,
+    bits: int,
+    shift: int,
+    prefix: jax.Array,
+    chunk: int,
+    weights: jax.Array | None = None,
 ) -> jax.Array:
-    """Counts of the digit ``(key >> shift) & (2^16 - 1)`` over the keys whose
-    higher bits equal ``prefix``: ``h[d] = #{i : key_i >> shift = prefix * 2^16 + d}``."""
+    """Counts (or summed ``weights``) of the digit ``(key >> shift) & (2^16 - 1)``
+    over the keys whose higher bits equal ``prefix``:
+    ``h[d] = sum {w_i : key_i >> shift = prefix * 2^16 + d}`` (``w_i = 1`` for counts)."""
     udt = _KEY_FORMATS[bits][1]
     nbins = 1 << _DIGIT
     top = shift + _DIGIT == bits  # the first digit: every key is in range
 
-    def step(piece: jax.Array, acc: jax.Array) -> jax.Array:
+    def step(pieces: tuple[jax.Array, ...], acc: jax.Array) -> jax.Array:
+        piece = pieces[0]
         d = (_monotone_key(piece, bits) >> udt(shift)) - (prefix << udt(_DIGIT))
         if not top:
             spread = udt(nbins) + (jnp.arange(piece.shape[0], dtype=udt) & udt(_SPREAD - 1))
             d = jnp.where(d < udt(nbins), d, spread)
-        return acc.at[d.astype(jnp.int32)].add(1, mode="promise_in_bounds")
+        add = 1 if weights is None else pieces[1].astype(acc.dtype)
+        return acc.at[d.astype(jnp.int32)].add(add, mode="promise_in_bounds")
 
     size = nbins + (0 if top else _SPREAD)
-    return _fold_chunks(x, step, jnp.zeros((size,), jnp.int32), chunk)[:nbins]
+    dtype = _sum_dtype(weights)
+    xs = (x,) if weights is None else (x, weights)
+    return _fold_chunks(xs, step, jnp.zeros((size,), dtype), chunk)[:nbins]
 
 
-def _locate(h: jax.Array, r: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The bin of the ``r``-th largest entry (1-based) of a histogram ``h``.
+def _locate(h: jax.Array, limit: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The bin where the suffix sums of a histogram ``h`` first exceed ``limit``.
 
-    Returns ``(j, above, h[j])`` with ``j = max{j : sum_{i >= j} h_i >= r}`` and
-    ``above = sum_{i > j} h_i``, so ``above < r <= above + h_j``. A 2^16-bin
-    histogram is searched as 256 rows of 256.
+    Returns ``(j, above, h[j])`` with ``j = max{j : sum_{i >= j} h_i > limit}``
+    and ``above = sum_{i > j} h_i``, so ``above <= limit < above + h_j``: for
+    counts and ``limit = r - 1`` the bin of the ``r``-th largest entry. A
+    2^16-bin histogram is searched as 256 rows of 256.
     """
     size = h.shape[0]
     if size > 256:
         width = size // 256
         rows = h.reshape(256, width)
-        jr, above_r, _ = _locate(rows.sum(axis=1, dtype=jnp.int32), r)
+        jr, above_r, _ = _locate(rows.sum(axis=1, dtype=h.dtype), limit)
         row = jax.lax.dynamic_index_in_dim(rows, jr, 0, keepdims=False)
-        jc, above_c, hj = _locate(row, r - above_r)
+        jc, above_c, hj = _locate(row, limit - above_r)
         return jr * width + jc, above_r + above_c, hj
-    # Suffix sums by an exact integer product with the upper triangle of ones:
-    # it compiles far faster than a cumsum's associative scan.
-    upper = jnp.asarray(np.triu(np.ones((size, size), np.int32)))
-    suffix = jax.lax.dot(upper, h, preferred_element_type=jnp.int32)
-    j = jnp.sum(suffix >= r, dtype=jnp.int32) - 1
+    # Suffix sums by a product with the upper triangle of ones (exact for
+    # counts): it compiles far faster than a cumsum's associative scan.
+    upper = jnp.asarray(np.triu(np.ones((size, size))), h.dtype)
+    suffix = jax.lax.dot(upper, h, preferred_element_type=h.dtype)
+    j = jnp.maximum(jnp.sum(suffix > limit, dtype=jnp.int32) - 1, 0)
     return j, suffix[j] - h[j], h[j]
 
 
 def _select(
-    x: jax.Array, k: jax.Array, bits: int, chunk: int
+    x: jax.Array,
+    limit: jax.Array,
+    bits: int,
+    chunk: int,
+    weights: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The k-th largest key ``t``, ``#{key > t}`` and ``#{key = t}``, digit by digit."""
+    """The largest key ``t`` whose entries at or above it sum (count, or sum
+    ``weights``) to more than ``limit``, the sum above ``t`` and the sum at ``t``,
+    digit by digit. For counts and ``limit = k - 1``: the k-th largest key."""
     udt = _KEY_FORMATS[bits][1]
-    prefix, rank, above = udt(0), k, jnp.int32(0)
+    prefix, above = udt(0), jnp.zeros((), _sum_dtype(weights))
     for shift in range(bits - _DIGIT, -1, -_DIGIT):
-        j, a, count = _locate(_digit_histogram(x, bits, shift, prefix, chunk), rank)
+        h = _digit_histogram(x, bits, shift, prefix, chunk, weights)
+        j, a, at = _locate(h, limit)
         prefix = (prefix << udt(_DIGIT)) | j.astype(udt)
-        rank, above = rank - a, above + a
-    return prefix, above, count
+        limit, above = limit - a, above + a
+    return prefix, above, at
 
 
-def _tie_cut(x: jax.Array, t: jax.Array, r: jax.Array, bits: int, chunk: int) -> jax.Array:
-    """The smallest ``p`` with exactly ``r`` entries of key ``t`` in ``x[:p]``.
+def _tie_cut(
+    x: jax.Array,
+    t: jax.Array,
+    limit: jax.Array,
+    bits: int,
+    chunk: int,
+    weights: jax.Array | None = None,
+) -> jax.Array:
+    """The smallest ``p`` whose entries of key ``t`` in ``x[:p]`` sum (count, or
+    sum ``weights``) to more than ``limit``: one past the tie that crosses it.
 
-    Counts the ties per chunk, finds the chunk holding the ``r``-th one, and
-    takes a cumulative sum over that chunk only.
+    Sums the ties per chunk, finds the chunk where the running sum crosses,
+    and takes a cumulative sum over that chunk only. (For counts and
+    ``limit = r - 1``: just past the ``r``-th tie.)
     """
     n = x.shape[0]
+    dtype = _sum_dtype(weights)
 
-    def ties(piece: jax.Array) -> jax.Array:
-        return (_monotone_key(piece, bits) == t).astype(jnp.int32)
+    def ties(piece: jax.Array, w: jax.Array | None) -> jax.Array:
+        hit = _monotone_key(piece, bits) == t
+        return hit.astype(dtype) if w is None else jnp.where(hit, w.astype(dtype), 0)
+
+    def window(start: jax.Array | int, size: int) -> jax.Array:
+        piece = jax.lax.dynamic_slice(x, (start,), (size,))
+        w = None if weights is None else jax.lax.dynamic_slice(weights, (start,), (size,))
+        return ties(piece, w)
 
     if n <= chunk:
-        return jnp.sum(jnp.cumsum(ties(x), dtype=jnp.int32) < r, dtype=jnp.int32) + 1
+        return jnp.sum(jnp.cumsum(window(0, n), dtype=dtype) <= limit, dtype=jnp.int32) + 1
     full = n // chunk
     counts = jax.lax.fori_loop(
         0,
         full,
-        lambda i, c: c.at[i].set(
-            jnp.sum(ties(jax.lax.dynamic_slice(x, (i * chunk,), (chunk,))), dtype=jnp.int32)
-        ),
-        jnp.zeros((full + 1,), jnp.int32),
+        lambda i, c: c.at[i].set(jnp.sum(window(i * chunk, chunk), dtype=dtype)),
+        jnp.zeros((full + 1,), dtype),
     )
     if n > full * chunk:
-        counts = counts.at[full].set(jnp.sum(ties(x[full * chunk :]), dtype=jnp.int32))
-    cum = jnp.cumsum(counts, dtype=jnp.int32)
-    c = jnp.sum(cum < r, dtype=jnp.int32)  # the chunk holding the r-th tie
+        counts = counts.at[full].set(jnp.sum(window(full * chunk, n - full * chunk), dtype=dtype))
+    cum = jnp.cumsum(counts, dtype=dtype)
+    c = jnp.minimum(jnp.sum(cum <= limit, dtype=jnp.int32), full)  # where the sum crosses
     before = cum[c] - counts[c]  # ties in x[: c * chunk]
     # The window is the chunk, moved back to fit when it is the short tail;
     # the ties in the overlap are then subtracted from ``before``.
     start = jnp.minimum(c * chunk, n - chunk)
     overlap = c * chunk - start
-    w = jnp.cumsum(ties(jax.lax.dynamic_slice(x, (start,), (chunk,))), dtype=jnp.int32)
+    w = jnp.cumsum(window(start, chunk), dtype=dtype)
     before_start = before - jnp.where(overlap > 0, w[jnp.maximum(overlap - 1, 0)], 0)
-    return start + jnp.sum(w < r - before_start, dtype=jnp.int32) + 1
+    return start + jnp.sum(w <= limit - before_start, dtype=jnp.int32) + 1
 
 
 @functools.partial(jax.jit, static_argnames=("chunk",))
@@ -201,10 +241,12 @@ def _topk_mask_radix(scores: jax.Array, k: jax.Array, chunk: int = _CHUNK) -> ja
     # ``chunk`` is a parameter only so that tests reach the loops on small inputs.
     n = scores.shape[0]
     bits = _key_bits(scores.dtype)
-    t, above, equal = _select(scores, k, bits, chunk)
+    t, above, equal = _select(scores, k - 1, bits, chunk)
     r = k - above  # 1 <= r <= equal: how many of the ties at t are kept
     p = jax.lax.cond(
-        r < equal, lambda: _tie_cut(scores, t, r, bits, chunk), lambda: jnp.asarray(n, jnp.int32)
+        r < equal,
+        lambda: _tie_cut(scores, t, r - 1, bits, chunk),
+        lambda: jnp.asarray(n, jnp.int32),
     )
     key = _monotone_key(scores, bits)
     return (key > t) | ((key == t) & (jnp.arange(n, dtype=jnp.int32) < p))

@@ -8,12 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 import admmprune as ap
 from admmprune.energy import LayerCost, LinearEnergy
-from admmprune.knapsack import exact_knapsack, greedy_knapsack
+from admmprune.knapsack import exact_knapsack, greedy_by_sort, greedy_core, greedy_knapsack
 
 
 def brute_force(v: np.ndarray, c: np.ndarray, cap: float) -> float:
@@ -44,6 +44,57 @@ def test_greedy_is_feasible_and_bounded_by_the_lp(values, costs, cap):
     assert stats.removed >= opt - 1e-4 * (1 + opt)
     _, exact = exact_knapsack(v, c, cap)
     assert exact.removed == pytest.approx(opt, rel=1e-6, abs=1e-6)
+
+
+def _both(values, costs, cap, chunk):
+    """The selection greedy and the sort it replaces, on one instance."""
+    with jax.enable_x64(True):
+        args = (jnp.asarray(values), jnp.asarray(costs), jnp.asarray(cap, jnp.float64))
+        fast = jax.jit(greedy_core, static_argnames=("chunk",))(*args, chunk=chunk)
+        slow = jax.jit(greedy_by_sort)(*args)
+        return [np.asarray(x) for x in fast], [np.asarray(x) for x in slow]
+
+
+# No shrinking: every size compiles anew, and shrinking a failure would take minutes.
+@settings(max_examples=60, deadline=None, phases=[Phase.explicit, Phase.generate])
+@given(
+    st.integers(1, 300),
+    st.integers(0, 2**32 - 1),
+    st.sampled_from(["distinct", "ties", "zeros", "subnormal"]),
+    st.floats(0.0, 1.2),
+    st.sampled_from([7, 64, 1 << 16]),
+)
+def test_selection_greedy_is_the_sorted_greedy(n, seed, kind, fraction, chunk):
+    # Integer costs: every cost sum is exact in float64, whatever its order, so
+    # the two must agree bit for bit on the mask, the cost and the count.
+    rng = np.random.default_rng(seed)
+    v = rng.random(n).astype(np.float32) ** 2
+    if kind == "ties":
+        v = rng.integers(0, 3, n).astype(np.float32)
+    elif kind == "zeros":
+        v[rng.random(n) < 0.5] = 0.0
+    elif kind == "subnormal":
+        v[rng.random(n) < 0.3] = np.float32(1e-40)
+    c = rng.choice([1.0, 2.0, 3.0, 8.0, 40.0], n).astype(np.float32)
+    cap = float(np.floor(fraction * c.sum()))
+    fast, slow = _both(v, c, cap, chunk)
+    np.testing.assert_array_equal(fast[0], slow[0])  # the mask
+    assert fast[3] == slow[3] and fast[4] == slow[4]  # its cost and size
+    np.testing.assert_allclose(fast[1:3], slow[1:3], rtol=1e-12, atol=1e-12)
+
+
+def test_selection_greedy_agrees_on_a_large_energy_like_instance():
+    n = 300_000  # several 2**16 chunks and a tail
+    rng = np.random.default_rng(3)
+    v = rng.standard_normal(n).astype(np.float32) ** 2
+    v[:1000] = 0.25  # a block of ties
+    c = rng.choice([210.0, 1492.0, 2792.0], n).astype(np.float32)
+    for fraction in (0.01, 0.37, 0.9):
+        cap = float(np.floor(c.sum() * fraction))
+        fast, slow = _both(v, c, cap, 1 << 16)
+        np.testing.assert_array_equal(fast[0], slow[0])
+        assert fast[3] == slow[3] <= cap
+        np.testing.assert_allclose(fast[1:3], slow[1:3], rtol=1e-9)
 
 
 def test_greedy_gap_to_exact_is_small_on_random_instances():
