@@ -138,14 +138,17 @@ def greedy_core(
     lp_value = prefix_value + jnp.where(has_break, (capacity - cost) / c_b * v_b, 0.0)
 
     # Fill: while some item left out still fits the leftover capacity, add the
-    # best-ratio one (argmax takes the earliest of equal keys; every
-    # nonnegative ratio's key is above 0, so a 0 marks "none fits"). One pass
+    # best-ratio one (the earliest of equal keys; every nonnegative ratio's
+    # key is above 0, so a 0 marks "none fits"). One pass
     # per added item; the leftover is below the break item's cost, so at most
     # max(c) / min(c) of them.
     def best_fit(keep: jax.Array, cost: jax.Array) -> tuple[jax.Array, jax.Array]:
         fit = jnp.where(~keep & (costs <= capacity - cost), key, 0)
-        i = jnp.argmax(fit)
-        return i, fit[i] > 0
+        # max, then the first index holding it: two plain reductions, which XLA
+        # vectorizes (its variadic argmax reduction is several times slower).
+        best = jnp.max(fit)
+        i = jnp.min(jnp.where(fit == best, index, n))
+        return jnp.minimum(i, n - 1), best > 0
 
     def fill_body(carry: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
         keep, cost, value, i, _ = carry
