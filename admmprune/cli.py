@@ -25,7 +25,14 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from admmprune.data import DataError
     from admmprune.recipes import RecipeError
 
-    return (RecipeError, BudgetError, DataError)
+    errors: tuple[type[Exception], ...] = (RecipeError, BudgetError, DataError)
+    try:  # the llm extra may not be installed
+        from admmprune.llm.gguf_io import GGUFError
+        from admmprune.llm.runner import LLMRecipeError
+        from admmprune.llm.text import TextError
+    except ImportError:
+        return errors
+    return (*errors, LLMRecipeError, GGUFError, TextError)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -68,9 +75,53 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def cmd_solve_llm(args: argparse.Namespace) -> int:
+    """``solve`` for a recipe with an ``[llm]`` table (admmprune.llm.runner)."""
+    from admmprune.llm.runner import LLMRecipeError, load_llm_recipe, solve_llm
+
+    overrides: dict[str, Any] = {}
+    for text in args.set or ():
+        key, value = parse_override(text)
+        section, _, name = key.partition(".")
+        if section != "llm":
+            raise LLMRecipeError(f"--set {text!r}: an LLM recipe's keys are llm.KEY.")
+        overrides[name] = value
+    if args.eval_text:
+        overrides["eval_text"] = str(args.eval_text)
+    if args.calib_text:
+        overrides["calib_text"] = str(args.calib_text)
+    recipe = load_llm_recipe(args.recipe, overrides)
+    report = solve_llm(recipe, args.out, resume=args.resume, quiet=args.quiet or args.json)
+    if args.json:
+        print(json.dumps({k: v for k, v in report.items() if k != "layers"}, indent=2))
+    elif not args.quiet:
+        print(
+            f"{recipe.name}: perplexity {report['perplexity']:.2f} (dense "
+            f"{report['dense_perplexity']:.2f}) at {report['sparsity']}, "
+            f"{report['kept_fraction']:.1%} of the linear weights kept, "
+            f"pruning {report['pruning_seconds']:.0f} s (solver {report['solver_seconds']:.0f} s)"
+        )
+        print(f"wrote {Path(args.out) / 'model.gguf'} and {Path(args.out) / 'report.json'}")
+    return 0
+
+
 def cmd_solve(args: argparse.Namespace) -> int:
     from admmprune.recipes import load_recipe
     from admmprune.runner import solve, validate
+
+    try:
+        from admmprune.llm.runner import is_llm_recipe
+    except ImportError:  # the llm extra is not installed
+
+        def is_llm_recipe(path: Path) -> bool:
+            return False
+
+    if is_llm_recipe(args.recipe):
+        return cmd_solve_llm(args)
+    if args.eval_text or args.calib_text:
+        from admmprune.recipes import RecipeError
+
+        raise RecipeError("--eval-text and --calib-text are settings of LLM recipes ([llm]).")
 
     recipe = load_recipe(args.recipe)
     if args.set:
@@ -193,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the report (less history) as JSON")
     s.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.npz")
     s.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    s.add_argument("--eval-text", type=Path, help="LLM recipes: the text scored by perplexity")
+    s.add_argument(
+        "--calib-text", type=Path, help="LLM recipes: the text calibration windows come from"
+    )
     s.add_argument(
         "--set",
         action="append",

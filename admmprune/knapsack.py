@@ -77,7 +77,11 @@ def greedy_core(
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
     """The traceable greedy: ``(mask, removed, bound, cost, kept, total)``.
 
-    The answer of :func:`greedy_by_sort` without the sort. In the sorted order
+    The answer of :func:`greedy_by_sort` without the sort (the same mask,
+    cost and count where cost sums are exact; with other float costs the
+    two sum in different orders, so a running cost within rounding of C can
+    go either way; for C < 0 nothing fits and the bound is the total, where
+    the sort's is meaningless). In the sorted order
     (ratio descending, ties by position) the prefix that fits ends at the
     *break item* b, the first whose running cost passes the capacity; its ratio
     key ``t`` is the largest key whose items at or above it cost more than C,
@@ -98,7 +102,10 @@ def greedy_core(
     n = values.shape[0]
     ratio = values / costs.astype(values.dtype)
     bits = _key_bits(ratio.dtype)
-    if bits is None or n >= 2**31 or n == 0:  # int32 positions; non-float ratios
+    if n == 0:
+        zero = jnp.zeros((), jnp.float64)
+        return jnp.zeros((0,), bool), zero, zero, zero, jnp.zeros((), jnp.int32), zero
+    if bits is None or n >= 2**31:  # int32 positions; non-float ratios
         return greedy_by_sort(values, costs, capacity)
     key = _monotone_key(ratio, bits)
     index = jnp.arange(n, dtype=jnp.int32)

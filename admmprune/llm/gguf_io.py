@@ -113,6 +113,12 @@ def read_gguf(path: str | Path) -> GGUFFile:
         context_length=int(_field(reader, "llama.context_length", 2048)),
         tied_embeddings="output.weight" not in names,
     )
+    scaling = _field(reader, "llama.rope.scaling.type")
+    if scaling not in (None, "none") or "rope_freqs.weight" in names:
+        raise GGUFError(
+            f"{path}: the file scales RoPE ({scaling or 'rope_freqs.weight'}, as Llama 3.1+ "
+            "do); this decoder applies plain RoPE only, and would compute wrong logits."
+        )
     from gguf.quants import dequantize
 
     tensors, types = {}, {}
@@ -156,6 +162,12 @@ def _check_shapes(file: GGUFFile) -> None:
     missing = sorted(set(want) - set(file.tensors))
     if missing:
         raise GGUFError(f"{file.path}: tensors missing: {', '.join(missing[:5])}.")
+    extra = sorted(set(file.tensors) - set(want))
+    if extra:
+        raise GGUFError(
+            f"{file.path}: tensors this Llama decoder does not use: {', '.join(extra[:5])} "
+            "(another variant of the architecture)."
+        )
     for name, shape in want.items():
         if tuple(file.tensors[name].shape) != shape:
             raise GGUFError(
@@ -239,7 +251,12 @@ def write_gguf(
     file_type = {"F32": 0, "F16": 1, "Q8_0": 7}[dtype]
     writer.add_file_type(file_type)
     for key, value in metadata.items():
-        if key in ("general.architecture", "general.file_type", "general.quantization_version"):
+        if key in (
+            "general.architecture",
+            "general.file_type",
+            "general.quantization_version",
+            "general.alignment",  # the writer pads to its own alignment
+        ):
             continue
         _add_value(writer, key, value)
     qtype = getattr(GGMLQuantizationType, dtype)
@@ -258,12 +275,16 @@ def write_gguf(
 
 
 def _add_value(writer: Any, key: str, value: Any) -> None:
+    """One metadata key in its GGUF type (an empty array is left out: it has no type)."""
     from gguf import GGUFValueType
 
     if isinstance(value, bool):
         writer.add_bool(key, value)
     elif isinstance(value, int):
-        writer.add_uint32(key, value) if value >= 0 else writer.add_int32(key, value)
+        if value < 0:
+            writer.add_int32(key, value) if value >= -(2**31) else writer.add_int64(key, value)
+        else:
+            writer.add_uint32(key, value) if value < 2**32 else writer.add_uint64(key, value)
     elif isinstance(value, float):
         writer.add_float32(key, value)
     elif isinstance(value, str):

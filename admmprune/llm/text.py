@@ -11,6 +11,7 @@ seeded random offsets.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,8 @@ def read_text(path: str | Path) -> str:
     path = Path(path)
     if not path.is_file():
         raise TextError(f"{path}: no such text file; pass one with --eval-text/--calib-text.")
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    # Lines end at "\n" only (str.splitlines would also split at \x0b, \x85, ...).
+    lines = re.findall(r"[^\n]*\n|[^\n]+$", path.read_text(encoding="utf-8"))
     return "\n\n".join(line if line.strip() else "" for line in lines)
 
 

@@ -22,7 +22,7 @@ LLAMA3_PATTERN = (
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 #: the pre-tokenizers (``tokenizer.ggml.pre``) rebuilt here.
-PRE_TOKENIZERS = ("smollm", "gpt2", "default", "starcoder", "llama-bpe", "llama3")
+PRE_TOKENIZERS = ("smollm", "gpt2", "starcoder", "llama-bpe", "llama3")
 
 
 def _pre_tokenizer(name: str) -> Any:
@@ -31,7 +31,7 @@ def _pre_tokenizer(name: str) -> Any:
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if name in ("smollm", "starcoder"):
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    if name in ("gpt2", "default"):
+    if name == "gpt2":
         return byte_level
     if name in ("llama-bpe", "llama3"):
         split = pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated")
@@ -48,8 +48,8 @@ def gguf_tokenizer(file: GGUFFile) -> Any:
     """A ``tokenizers.Tokenizer`` equal to the file's byte-level BPE.
 
     Control tokens (type 3) are special: matched whole in the text, never
-    split. No BOS token is added (SmolLM2's files say ``add_bos_token =
-    False``); callers that want one prepend it.
+    split. No BOS token is added, whatever ``tokenizer.ggml.add_bos_token``
+    says (SmolLM2's files say False); callers that want one prepend it.
 
     Raises:
         GGUFError: a tokenizer model other than ``gpt2`` (byte-level BPE),
@@ -67,8 +67,12 @@ def gguf_tokenizer(file: GGUFFile) -> Any:
     tokens = list(meta["tokenizer.ggml.tokens"])
     merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
     vocab = {t: i for i, t in enumerate(tokens)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-    tok.pre_tokenizer = _pre_tokenizer(str(meta.get("tokenizer.ggml.pre", "default")))
+    pre = str(meta.get("tokenizer.ggml.pre", "(missing)"))
+    # Llama 3's BPE takes a word that is in the vocabulary whole (llama.cpp and
+    # its tokenizer.json: ignore_merges).
+    llama3 = pre in ("llama-bpe", "llama3")
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, ignore_merges=llama3))
+    tok.pre_tokenizer = _pre_tokenizer(pre)
     tok.decoder = decoders.ByteLevel()
     types = meta.get("tokenizer.ggml.token_type") or []
     special = [tokens[i] for i, t in enumerate(types) if int(t) == 3]
