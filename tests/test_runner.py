@@ -14,17 +14,22 @@ from admmprune.recipes import parse_recipe
 from admmprune.runner import evaluator, load_data, solve
 
 
-def test_solve_with_a_macs_budget_writes_the_compact_network(tmp_path) -> None:
-    recipe = parse_recipe(
+def _tiny(train: int, test: int):
+    """LeNet-300-100 on synthetic data, L1 filters to 25% of the MACs, one epoch each."""
+    return parse_recipe(
         {
             "problem": {"model": "lenet300", "data": "synthetic", "seed": 0},
-            "data": {"synthetic_train": 512, "synthetic_test": 128},
+            "data": {"synthetic_train": train, "synthetic_test": test},
             "dense": {"epochs": 1, "cache": False},
             "budget": {"type": "macs", "macs_fraction": 0.25},
             "solver": {"method": "l1_filter", "retrain_epochs": 1, "batch_size": 64},
         },
         name="tiny",
     )
+
+
+def test_solve_with_a_macs_budget_writes_the_compact_network(tmp_path) -> None:
+    recipe = _tiny(512, 128)
     report = solve(recipe, tmp_path, plots=False)
     c = report["compact"]
     assert c["compact_macs"] <= 0.25 * c["dense_macs"]
@@ -47,16 +52,7 @@ def test_a_failed_run_leaves_no_earlier_report_behind(tmp_path, monkeypatch) -> 
 
     from admmprune import runner
 
-    recipe = parse_recipe(
-        {
-            "problem": {"model": "lenet300", "data": "synthetic", "seed": 0},
-            "data": {"synthetic_train": 256, "synthetic_test": 64},
-            "dense": {"epochs": 1, "cache": False},
-            "budget": {"type": "macs", "macs_fraction": 0.25},
-            "solver": {"method": "l1_filter", "retrain_epochs": 1, "batch_size": 64},
-        },
-        name="tiny",
-    )
+    recipe = _tiny(256, 64)
     (tmp_path / "report.json").write_text('{"recipe": "an earlier run"}')
 
     def broken(*args, **kwargs):
