@@ -55,14 +55,14 @@ def _both(values, costs, cap, chunk):
         return [np.asarray(x) for x in fast], [np.asarray(x) for x in slow]
 
 
-# No shrinking: every size compiles anew, and shrinking a failure would take minutes.
-@settings(max_examples=60, deadline=None, phases=[Phase.explicit, Phase.generate])
+# A few sizes (each compiles once) and no shrinking (it would recompile for minutes).
+@settings(max_examples=40, deadline=None, phases=[Phase.explicit, Phase.generate])
 @given(
-    st.integers(1, 300),
+    st.sampled_from([1, 2, 7, 64, 65, 300]),
     st.integers(0, 2**32 - 1),
     st.sampled_from(["distinct", "ties", "zeros", "subnormal"]),
     st.floats(0.0, 1.2),
-    st.sampled_from([7, 64, 1 << 16]),
+    st.sampled_from([7, 1 << 16]),
 )
 def test_selection_greedy_is_the_sorted_greedy(n, seed, kind, fraction, chunk):
     # Integer costs: every cost sum is exact in float64, whatever its order, so
