@@ -196,6 +196,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         (out / "results.md").write_text(projections_table(result))
         if not args.quiet:
             print(projections_table(result))
+    if args.suite == "llm":  # hours on a CPU: never part of "all"
+        from admmprune.bench.llm import run_llm_benchmark
+
+        run_llm_benchmark(
+            Path(args.out), solvers=Path(args.solvers), quick=args.quick, quiet=args.quiet
+        )
     if args.suite in ("structured", "all"):
         out = Path(args.out) / "structured" if args.suite == "all" else Path(args.out)
         run_structured_benchmark(
@@ -262,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--only", action="append", help="run only recipes whose name contains this")
     b.add_argument(
         "--suite",
-        choices=("param", "energy", "obs", "structured", "projections", "all"),
+        choices=("param", "energy", "obs", "structured", "projections", "llm", "all"),
         default="all",
         help="param: parameter budgets (LeNet-300, LeNet-5); energy: LeNet-5 under energy "
         "budgets and the knapsack projection (into OUT/energy with 'all'); obs: one-shot "
@@ -270,7 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
         "structured: fewer MACs by neurons/filters, scratch controls, 2:4, compact speed "
         "(into OUT/structured with 'all'); projections: top-k and 2:4 projection speed "
         "against numpy.argpartition at 1e6/1e7/1e8 weights, single-threaded (run it in a "
-        "fresh process: the XLA thread flags must be set before JAX starts)",
+        "fresh process: the XLA thread flags must be set before JAX starts); llm: SmolLM2-135M "
+        "by magnitude, Wanda, SparseGPT and layer-wise ADMM at 50/70/80%% and 2:4 (the llm "
+        "extra; hours on a CPU, not part of all)",
     )
     b.add_argument(
         "--models",

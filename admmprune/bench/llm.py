@@ -1,0 +1,156 @@
+"""The LLM suite: SmolLM2-135M pruned by every pruner at every sparsity, on the same windows.
+
+    admmprune bench --suite llm --out runs/bench-llm            # the shipped recipes
+    admmprune bench --suite llm --quick --out runs/bench-llm-q  # 8 windows of 256, 4,096 tokens
+
+Each row is a recipe ``solvers/smollm2_<method>_<sparsity>.toml`` run by
+:func:`admmprune.llm.runner.solve_llm` into ``DIR/<recipe>/`` (a finished
+run of the same settings is reused). All share the seed, so every method
+sees the same calibration and held-out windows and is scored on the same
+tokens. The table gives the dense perplexity, each pruned perplexity, the
+whole pruning time, the pruners' own time (the forward passes all methods
+share excluded) and the mean held-out reconstruction error, and checks the
+issue's targets against SparseGPT.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from admmprune.bench.tables import measured_line, results_header, target, targets_table
+from admmprune.bench.tables import write_results as _write
+
+SPARSITIES = ("50pct", "70pct", "80pct", "2of4")
+METHODS = ("magnitude", "wanda", "sparsegpt", "admm")
+QUICK = {"calibration_windows": 8, "held_out_windows": 2, "context": 256, "eval_tokens": 4096}
+#: ADMM's perplexity against SparseGPT's: at most this ratio, per sparsity.
+PPL_TARGETS = {"50pct": 1.0, "70pct": 0.9, "80pct": 0.9, "2of4": 1.0}
+
+
+def _finished(recipe: Any, out: Path) -> dict[str, Any] | None:
+    try:
+        report = json.loads((out / "report.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return report if report.get("recipe") == dataclasses.asdict(recipe) else None
+
+
+def run_llm_benchmark(
+    out: Path,
+    *,
+    solvers: Path = Path("solvers"),
+    quick: bool = False,
+    quiet: bool = False,
+    sparsities: tuple[str, ...] = SPARSITIES,
+    methods: tuple[str, ...] = METHODS,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Runs the suite; writes ``DIR/<recipe>/``, ``results.json`` and ``results.md``."""
+    from admmprune.llm.runner import load_llm_recipe, solve_llm
+
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    rows = []
+    for sparsity in sparsities:
+        for method in methods:
+            name = f"smollm2_{method}_{sparsity}"
+            keys = (QUICK if quick else {}) | (overrides or {})
+            recipe = load_llm_recipe(solvers / f"{name}.toml", keys)
+            report = _finished(recipe, out / name)
+            if report is None:
+                report = solve_llm(recipe, out / name, quiet=quiet)
+            elif not quiet:
+                print(f"{name}: reusing {out / name / 'report.json'}", flush=True)
+            summary = {k: v for k, v in report.items() if k not in ("layers", "recipe", "config")}
+            rows.append(
+                summary
+                | {
+                    "set": report["sparsity"],
+                    "recipe": name,
+                    "method": method,
+                    "sparsity": sparsity,
+                    "layers": [
+                        {k: r[k] for k in ("block", "layer", "error", "held_out_error")}
+                        for r in report["layers"]
+                    ],
+                }
+            )
+    results = results_header("admmprune bench --suite llm", quick, started)
+    results |= {"runs": rows, "targets": check_targets(rows)}
+    return _write(out, results, markdown_table, quiet)
+
+
+def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's floors against SparseGPT, per sparsity, where both ran."""
+    targets = []
+    by = {(r["sparsity"], r["method"]): r for r in rows}
+    for sparsity in SPARSITIES:
+        admm, sgpt = by.get((sparsity, "admm")), by.get((sparsity, "sparsegpt"))
+        if admm is None or sgpt is None:
+            continue
+        ratio = PPL_TARGETS[sparsity]
+        targets.append(
+            target(
+                f"{sparsity}: ADMM perplexity <= {ratio:g} x SparseGPT's",
+                f"{admm['perplexity']:.2f} vs {sgpt['perplexity']:.2f} "
+                f"({admm['perplexity'] / sgpt['perplexity']:.3f}x)",
+                admm["perplexity"] <= ratio * sgpt["perplexity"],
+            )
+        )
+        pairs = [
+            (a["held_out_error"], s["held_out_error"])
+            for a, s in zip(admm["layers"], sgpt["layers"], strict=True)
+            if a["held_out_error"] is not None and s["held_out_error"] is not None
+        ]
+        if pairs:
+            better = sum(a < s for a, s in pairs) / len(pairs)
+            targets.append(
+                target(
+                    f"{sparsity}: ADMM's held-out layer error below SparseGPT's "
+                    "on >= 95% of layers",
+                    f"{better:.1%} of {len(pairs)} layers",
+                    better >= 0.95,
+                )
+            )
+        targets.append(
+            target(
+                f"{sparsity}: ADMM solver time <= 3 x SparseGPT's",
+                f"{admm['solver_seconds']:.0f} s vs {sgpt['solver_seconds']:.0f} s",
+                admm["solver_seconds"] <= 3 * sgpt["solver_seconds"],
+            )
+        )
+    return targets
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """Dense, then every method at every sparsity, then the targets."""
+    runs = results["runs"]
+    lines = ["# LLM: SmolLM2-135M, layer by layer", "", measured_line(results), ""]
+    if runs:
+        r0 = runs[0]
+        lines.append(
+            f"Dense perplexity {r0['dense_perplexity']:.2f} on {r0['eval_tokens']:,} tokens; "
+            f"{r0['calibration_tokens']:,} calibration and {r0['held_out_tokens']:,} held-out "
+            "tokens (the same windows for every method)."
+        )
+    lines += [
+        "",
+        "| sparsity | method | perplexity | pruning (s) | solver (s) | held-out error | peak MiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        held = r["mean_held_out_error"]
+        lines.append(
+            f"| {r['sparsity']} | {r['method']} | {r['perplexity']:.2f} | "
+            f"{r['pruning_seconds']:.0f} | {r['solver_seconds']:.0f} | "
+            f"{'' if held is None else f'{held:.4f}'} | {r['peak_memory_mib']:.0f} |"
+        )
+    lines += targets_table(results["targets"])
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["check_targets", "markdown_table", "run_llm_benchmark"]
