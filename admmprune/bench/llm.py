@@ -15,13 +15,17 @@ issue's targets against SparseGPT.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any
 
-from admmprune.bench.tables import measured_line, results_header, target, targets_table
+from admmprune.bench.tables import (
+    finished_report,
+    measured_line,
+    results_header,
+    target,
+    targets_table,
+)
 from admmprune.bench.tables import write_results as _write
 
 SPARSITIES = ("50pct", "70pct", "80pct", "2of4")
@@ -29,14 +33,6 @@ METHODS = ("magnitude", "wanda", "sparsegpt", "admm")
 QUICK = {"calibration_windows": 8, "held_out_windows": 2, "context": 256, "eval_tokens": 4096}
 #: ADMM's perplexity against SparseGPT's: at most this ratio, per sparsity.
 PPL_TARGETS = {"50pct": 1.0, "70pct": 0.9, "80pct": 0.9, "2of4": 1.0}
-
-
-def _finished(recipe: Any, out: Path) -> dict[str, Any] | None:
-    try:
-        report = json.loads((out / "report.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return report if report.get("recipe") == dataclasses.asdict(recipe) else None
 
 
 def run_llm_benchmark(
@@ -60,7 +56,7 @@ def run_llm_benchmark(
             name = f"smollm2_{method}_{sparsity}"
             keys = (QUICK if quick else {}) | (overrides or {})
             recipe = load_llm_recipe(solvers / f"{name}.toml", keys)
-            report = _finished(recipe, out / name)
+            report = finished_report(recipe, out / name)
             if report is None:
                 report = solve_llm(recipe, out / name, quiet=quiet)
             elif not quiet:

@@ -13,15 +13,18 @@ import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 
 from admmprune.recipes import Recipe
 
+if TYPE_CHECKING:
+    from admmprune.llm.runner import LLMRecipe
 
-def finished_report(recipe: Recipe, out: Path) -> dict[str, Any] | None:
-    """``out/report.json`` if this very recipe wrote it (:meth:`Recipe.matches`), else None."""
+
+def finished_report(recipe: Recipe | LLMRecipe, out: Path) -> dict[str, Any] | None:
+    """``out/report.json`` if this very recipe wrote it (its ``matches``), else None."""
     try:
         report = json.loads((out / "report.json").read_text())
     except (OSError, json.JSONDecodeError):  # none, or cut off: not finished

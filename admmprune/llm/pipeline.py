@@ -83,16 +83,14 @@ def prune_weights(
     k = sparsity.keep(w.shape)
     nm = sparsity.nm
     if method in ("magnitude", "wanda"):
-        scores = jnp.abs(w)
-        if method == "wanda":
-            norms = np.sqrt(np.maximum(np.diagonal(np.asarray(h)), 0.0))
-            scores = scores * jnp.asarray(norms, w.dtype)[None, :]
-        if nm is not None:
+        if nm is None:
+            mask = obs.wanda_mask(w, h, k) if method == "wanda" else obs.magnitude_mask(w, k)
+        else:  # the same scores, N:M along the input
+            scores = jnp.abs(w)
+            if method == "wanda":
+                norms = np.sqrt(np.maximum(np.diagonal(np.asarray(h)), 0.0))
+                scores = scores * jnp.asarray(norms, w.dtype)[None, :]
             mask = nm_mask(scores.T, *nm).T
-        elif method == "wanda":
-            mask = obs.wanda_mask(w, h, k)
-        else:
-            mask = obs.magnitude_mask(w, k)
         return jnp.where(mask, w, 0.0)
     if method == "sparsegpt":
         return obs.fast_obs(w, h, None if nm else k, nm=nm, quota="block")[0]

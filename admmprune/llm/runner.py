@@ -46,6 +46,10 @@ class LLMRecipe:
     seed: int = 0
     output_type: str = "F16"
 
+    def matches(self, recorded: dict[str, Any]) -> bool:
+        """Whether ``recorded`` (a report's ``recipe``) describes this recipe."""
+        return recorded == dataclasses.asdict(self)
+
     def sparsity_set(self) -> Sparsity:
         if self.nm is not None:
             return Sparsity(nm=self.nm)
@@ -157,7 +161,8 @@ def solve_llm(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").unlink(missing_ok=True)
-    model, file = load_llama(_model_path(recipe))
+    model_path = _model_path(recipe)  # checks the file's hash: once
+    model, file = load_llama(model_path)
     tokenizer = gguf_tokenizer(file)
     test = encode(tokenizer, read_text(recipe.eval_text))
     windows = eval_windows(test, recipe.context, recipe.eval_tokens or None)
@@ -209,7 +214,7 @@ def solve_llm(
     held_errors = [r["held_out_error"] for r in records if r["held_out_error"] is not None]
     report = {
         "recipe": dataclasses.asdict(recipe),
-        "model": str(_model_path(recipe)),
+        "model": str(model_path),
         "config": dataclasses.asdict(file.config),
         "method": recipe.method,
         "sparsity": recipe.sparsity_set().describe(),
