@@ -28,10 +28,18 @@ from admmprune.budgets import (
     Projection,
     in_budget,
 )
-from admmprune.checkpoint import load_checkpoint, load_params, save_checkpoint, save_params
+from admmprune.checkpoint import (
+    CheckpointError,
+    RunCheckpoint,
+    load_checkpoint,
+    load_params,
+    save_checkpoint,
+    save_params,
+)
 from admmprune.energy import AcceleratorEnergy, LinearEnergy
 from admmprune.energy_budget import EnergyBudget
 from admmprune.finetune import Finetune
+from admmprune.guards import DivergenceError, InputError, RunFailedError
 from admmprune.knapsack import KnapsackStats, exact_knapsack, greedy_knapsack
 from admmprune.layers import layer_shapes
 from admmprune.metrics import DiagFisher, Euclidean, Fisher
@@ -50,12 +58,15 @@ __all__ = [
     "Budget",
     "BudgetError",
     "BudgetRamp",
+    "CheckpointError",
     "DiagFisher",
+    "DivergenceError",
     "EnergyBudget",
     "Euclidean",
     "Finetune",
     "Fisher",
     "GeometricRho",
+    "InputError",
     "IterativeMagnitudePrune",
     "KnapsackStats",
     "LayerAllocation",
@@ -68,6 +79,8 @@ __all__ = [
     "ProjectedSGD",
     "Projection",
     "PruneResult",
+    "RunCheckpoint",
+    "RunFailedError",
     "apply_masks",
     "default_prunable",
     "exact_knapsack",

@@ -32,7 +32,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,9 +41,21 @@ import optax
 from admmprune._tree import PyTree, apply_masks, sq_norm
 from admmprune.budgets import Budget
 from admmprune.finetune import Finetune
+from admmprune.guards import (
+    DIVERGENCE_FACTOR,
+    LossWatch,
+    check_budget,
+    check_factor,
+    check_inputs,
+    check_result,
+    start_loss,
+)
 from admmprune.metrics import Euclidean, Metric, scaled
 from admmprune.results import PruneResult, finish, with_eval
 from admmprune.training import Callback, EvalFn, LossFn, check_batch_size, run_epoch
+
+if TYPE_CHECKING:
+    from admmprune.checkpoint import RunCheckpoint
 
 Schedule = Callable[[int], float]
 
@@ -178,6 +190,11 @@ class ADMM:
             defaults to ``optimizer``, its ``compensate`` refits the kept
             weights, e.g. :func:`admmprune.obs.compensator`).
         batch_size: minibatch size.
+        divergence_factor: the run stops with a
+            :class:`~admmprune.guards.DivergenceError` when an iteration's mean
+            W-step loss exceeds this multiple of the larger of the starting
+            network's loss and its projection's (None or 0: only a non-finite
+            loss stops it).
 
     Example:
         >>> ADMM(ParamBudget(keep=0.02), optax.adam(1e-3), rho=GeometricRho(1e-4, 1.15),
@@ -194,8 +211,11 @@ class ADMM:
     budget_ramp: Schedule | None = None
     finetune: Finetune = Finetune(epochs=5)
     batch_size: int = 128
+    divergence_factor: float | None = DIVERGENCE_FACTOR
 
     def __post_init__(self) -> None:
+        check_budget(self.budget, "ADMM")
+        check_factor(self.divergence_factor, "ADMM")
         if not callable(self.rho):
             GeometricRho(self.rho)  # validates a constant rho
         for name in ("iterations", "epochs_per_iteration"):
@@ -353,6 +373,7 @@ class ADMM:
         state: AdmmState | None = None,
         history: list[dict[str, Any]] | None = None,
         on_iteration: Callable[[AdmmState, list[dict[str, Any]]], None] | None = None,
+        checkpoint: RunCheckpoint | None = None,
     ) -> PruneResult:
         """Runs ADMM, the hard prune and masked retraining.
 
@@ -374,11 +395,19 @@ class ADMM:
                 run (they carry the residuals the ``tol`` test needs).
             on_iteration: called with the state and the history after every
                 ADMM iteration (e.g. to save a checkpoint).
+            checkpoint: a :class:`~admmprune.checkpoint.RunCheckpoint`: the
+                state and history are saved in its ``"admm"`` slot after every
+                iteration and the retraining's in ``"retrain"`` after every
+                epoch; a run that finds them there resumes (``state`` and
+                ``history`` are then taken from it), bit for bit.
 
         Returns:
             A :class:`PruneResult`; ``state`` holds the final ADMM state.
         """
         start = time.perf_counter()
+        # With a ``state`` to resume, ``params`` may be None: its W stands in for them.
+        start_params = params if params is not None or state is None else state.params
+        check_inputs(start_params, data, self.budget, "ADMM")
         check_batch_size(data, self.batch_size)
         history = list(history or [])
 
@@ -389,13 +418,28 @@ class ADMM:
 
         # The same split whether or not we resume, so a resumed run retrains identically.
         init_key, retrain_key = jax.random.split(key)
+        slot = checkpoint.slot("admm") if checkpoint is not None else None
+        if state is None and slot is not None:
+            saved = slot.restore(self.init(params, init_key, self.metric_like(params)))
+            if saved is not None:
+                state, history = saved[0], list(saved[1]["history"])
         if state is None:
             metric_key = jax.random.fold_in(init_key, 1)
             metric = self.metric_weights(params, loss_fn, data, metric_key)
             state = self.init(params, init_key, metric)
+        # Divergence is judged against both ends W is pulled between: the start and its
+        # projection (the same figures when resuming: both come from ``params``).
+        projected = apply_masks(start_params, self.budget.project(start_params).masks)
+        ends = (start_params, projected)
+        watch = LossWatch(
+            "ADMM",
+            max(start_loss(loss_fn, p, data, self.batch_size) for p in ends),
+            self.divergence_factor,
+        )
         converged = any(self.converged(r) for r in history if r.get("phase") == "admm")
         while not converged and int(state.iteration) < self.iterations:
             state, record = self.update(state, loss_fn, data)
+            watch(record["loss"], f"iteration {record['iteration']}")
             if eval_fn is not None:
                 with_eval(record, state.params, eval_fn)
                 hard = self.hard_prune(state)[0]
@@ -404,6 +448,8 @@ class ADMM:
             converged = self.converged(record)
             if on_iteration is not None:
                 on_iteration(state, history)
+            if slot is not None:
+                slot.save(state, {"iteration": int(state.iteration), "history": history})
 
         _, masks = self.hard_prune(state)
         pruned, tail = self.finetune.run(
@@ -417,7 +463,9 @@ class ADMM:
             batch_size=self.batch_size,
             eval_fn=eval_fn,
             callback=callback,
+            checkpoint=checkpoint.slot("retrain") if checkpoint is not None else None,
         )
+        check_result(pruned, "ADMM")
         history.extend(tail)
         return finish(
             params=pruned,

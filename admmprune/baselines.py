@@ -24,6 +24,7 @@ import optax
 from admmprune._tree import PyTree, apply_masks
 from admmprune.budgets import Budget
 from admmprune.finetune import Finetune
+from admmprune.guards import LossWatch, check_inputs, start_loss
 from admmprune.results import PruneResult, finish, with_eval
 from admmprune.training import (
     Callback,
@@ -65,6 +66,7 @@ class MagnitudePrune:
     ) -> PruneResult:
         """Prunes ``params`` to the budget in one shot and retrains with the mask fixed."""
         start = time.perf_counter()
+        check_inputs(params, data, self.budget, "MagnitudePrune")
         check_batch_size(data, self.batch_size)
         masks = self.budget.project(params).masks
         pruned, history = self.finetune.run(
@@ -125,6 +127,7 @@ class IterativeMagnitudePrune:
     ) -> PruneResult:
         """Runs ``rounds`` prune/retrain rounds ending exactly at the budget."""
         start = time.perf_counter()
+        check_inputs(params, data, self.budget, "IterativeMagnitudePrune")
         check_batch_size(data, self.batch_size)
         history: list[dict[str, Any]] = []
         masks = None
@@ -230,8 +233,11 @@ class ProjectedSGD:
     ) -> PruneResult:
         """Projected training, the final projection, then masked retraining."""
         start = time.perf_counter()
+        check_inputs(params, data, self.budget, "ProjectedSGD")
         steps = check_batch_size(data, self.batch_size)
         decay = self.decay_epochs or max(self.projected_epochs, 1)
+        reference = start_loss(loss_fn, params, data, self.batch_size)
+        watch = LossWatch("projected SGD", reference, self.finetune.divergence_factor)
         train_key, retrain_key = jax.random.split(key)
         opt_state = self.optimizer.init(params)
         history: list[dict[str, Any]] = []
@@ -263,7 +269,7 @@ class ProjectedSGD:
             record: dict[str, Any] = {
                 "phase": "projected",
                 "epoch": epoch + 1,
-                "loss": float(jnp.mean(jnp.concatenate(losses))),
+                "loss": watch(float(jnp.mean(jnp.concatenate(losses))), f"epoch {epoch + 1}"),
                 "progress": t,
                 "seconds": time.perf_counter() - tick,
             }

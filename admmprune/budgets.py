@@ -213,11 +213,21 @@ class ParamBudget:
             )
         if self.keep is not None:
             _check_fraction("keep", self.keep)
+            if self.keep == 0:
+                raise BudgetError(
+                    "keep=0 is an empty budget: every weight would be pruned; keep a positive "
+                    "fraction (the smallest non-empty budget is count=1)."
+                )
         if self.count is not None:
             if isinstance(self.count, bool) or not isinstance(self.count, int | np.integer):
                 raise BudgetError(f"count must be an integer, got {self.count!r}.")
             if self.count < 0:
                 raise BudgetError(f"count must be >= 0, got {self.count}.")
+            if self.count == 0:
+                raise BudgetError(
+                    f"count={self.count} is an empty budget: every weight would be pruned; "
+                    "the smallest non-empty budget is count=1."
+                )
         if self.allocation not in ("global", "uniform"):
             raise BudgetError(f"allocation must be 'global' or 'uniform', got {self.allocation!r}.")
         if self.per_layer is not None:
@@ -284,6 +294,11 @@ class ParamBudget:
         if self.per_layer is not None:
             return self._resolve_per_layer(names, sizes, idx)
         k = self.count if self.count is not None else round(self.keep * total)
+        if k == 0:
+            raise BudgetError(
+                f"keep={self.keep} rounds to 0 of the {total} prunable weights, an empty "
+                f"budget; the smallest non-empty budget is keep={1 / total:.3g} (count=1)."
+            )
         if k > total:
             raise BudgetError(
                 f"count={k} exceeds the {total} prunable weights; "
@@ -319,6 +334,10 @@ class ParamBudget:
                 if i in groups:
                     raise BudgetError(f"leaf {names[i]!r} is named by more than one per_layer key.")
                 groups[i] = ResolvedGroup((i,), s)
+        if not any(g.k for g in groups.values()):
+            raise BudgetError(
+                "per_layer keeps no weight in any layer, an empty budget; keep at least one."
+            )
         return tuple(groups[i] for i in sorted(groups))
 
     # ------------------------------------------------------------------ project

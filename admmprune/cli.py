@@ -4,14 +4,19 @@
     admmprune bench [--suite param|energy|obs|structured|projections|all] [--quick] [--out DIR]
     admmprune fetch-data [--dataset mnist|fashion-mnist|all] [--dir DIR]
 
-Exit status: 0 on success, 2 for a bad recipe, an infeasible budget or
-missing data (the message names the problem and the fix), 1 otherwise.
+Exit status: 0 on success; 2 for bad input -- a bad recipe, an infeasible
+budget, missing data, an unusable checkpoint or run directory (the message
+names the problem and the fix); 3 for a run that failed (diverged or went
+non-finite: nothing is written as a result, the last good checkpoint is
+kept); 130 when interrupted (Ctrl-C or SIGTERM), with one line saying how to
+resume; 1 for anything else (a bug: please report it).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import tomllib
 from pathlib import Path
@@ -19,13 +24,25 @@ from typing import Any
 
 from admmprune.progress import Progress, total_epochs
 
+EXIT_BAD_INPUT = 2
+EXIT_RUN_FAILED = 3
+EXIT_INTERRUPTED = 130
+
 
 def _user_errors() -> tuple[type[Exception], ...]:
     from admmprune.budgets import BudgetError
+    from admmprune.checkpoint import CheckpointError
     from admmprune.data import DataError
+    from admmprune.guards import InputError
     from admmprune.recipes import RecipeError
 
-    errors: tuple[type[Exception], ...] = (RecipeError, BudgetError, DataError)
+    errors: tuple[type[Exception], ...] = (
+        RecipeError,
+        BudgetError,
+        DataError,
+        CheckpointError,
+        InputError,
+    )
     try:  # the llm extra may not be installed
         from admmprune.llm.gguf_io import GGUFError
         from admmprune.llm.runner import LLMRecipeError
@@ -130,7 +147,13 @@ def cmd_solve(args: argparse.Namespace) -> int:
     progress = Progress(total_epochs(recipe), recipe.name, enabled=not (args.quiet or args.json))
     try:
         report = solve(
-            recipe, args.out, callback=progress, resume=args.resume, plots=not args.no_plots
+            recipe,
+            args.out,
+            callback=progress,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            plots=not args.no_plots,
+            keep_checkpoint=args.keep_checkpoint,
         )
     finally:
         progress.close()
@@ -242,13 +265,26 @@ def build_parser() -> argparse.ArgumentParser:
         prog="admmprune",
         description="Pruning as constrained optimization: run recipes and benchmarks.",
     )
+    p.add_argument("--version", action="version", version=f"admmprune {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("solve", help="run one recipe (a TOML file in solvers/)")
     s.add_argument("recipe", type=Path)
     s.add_argument("--out", type=Path, required=True, help="directory for params.npz, report.json")
     s.add_argument("--quiet", action="store_true", help="no progress bar, no table")
     s.add_argument("--json", action="store_true", help="print the report (less history) as JSON")
-    s.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.npz")
+    s.add_argument(
+        "--resume", action="store_true", help="continue the stopped run in DIR/checkpoint.npz"
+    )
+    s.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="discard a checkpoint in DIR and start afresh (without it, one is refused)",
+    )
+    s.add_argument(
+        "--keep-checkpoint",
+        action="store_true",
+        help="keep DIR/checkpoint.npz after the run has finished (default: delete it)",
+    )
     s.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     s.add_argument("--eval-text", type=Path, help="LLM recipes: the text scored by perplexity")
     s.add_argument(
@@ -318,13 +354,62 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("admmprune")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: one line, the way to resume, no traceback."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
+def _interrupted(args: argparse.Namespace, how: str) -> str:
+    if getattr(args, "command", None) == "solve":
+        ckpt = Path(args.out) / "checkpoint.npz"
+        if ckpt.exists():
+            return (
+                f"admmprune: {how}; {ckpt} holds the last finished step: rerun the same "
+                "command with --resume to continue."
+            )
+        return f"admmprune: {how} before the first checkpoint; rerun the command to start again."
+    if getattr(args, "command", None) == "bench":
+        return f"admmprune: {how}; rerun the same command: finished runs are reused."
+    return f"admmprune: {how}."
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from admmprune.guards import RunFailedError
+
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return args.func(args)
     except _user_errors() as e:
         print(f"admmprune: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except RunFailedError as e:
+        kept = ""
+        if (
+            getattr(args, "command", None) == "solve"
+            and (Path(args.out) / "checkpoint.npz").exists()
+        ):
+            kept = f" The last good checkpoint is {Path(args.out) / 'checkpoint.npz'}."
+        print(f"admmprune: run failed: {e}{kept}", file=sys.stderr)
+        return EXIT_RUN_FAILED
+    except KeyboardInterrupt as e:
+        how = "terminated (SIGTERM)" if isinstance(e, _Terminated) else "interrupted"
+        print(_interrupted(args, how), file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -13,14 +13,18 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import optax
 
 from admmprune._tree import PyTree, apply_masks
+from admmprune.guards import DIVERGENCE_FACTOR, check_factor, check_masks
 from admmprune.results import with_eval
 from admmprune.training import Callback, EvalFn, LossFn, train
+
+if TYPE_CHECKING:
+    from admmprune.checkpoint import Slot
 
 Compensate = Callable[[PyTree, PyTree], PyTree]
 
@@ -37,6 +41,10 @@ class Finetune:
             masked again, so it cannot revive pruned weights. The prune
             record then holds both accuracies (``zeroed_*`` and the
             compensated ones).
+        divergence_factor: the retraining stops with a
+            :class:`~admmprune.guards.DivergenceError` when an epoch's loss
+            exceeds this multiple of the pruned network's starting loss (None
+            or 0: only a non-finite loss stops it).
 
     Example:
         >>> ADMM(budget, optax.adam(1e-3), finetune=Finetune(epochs=20))
@@ -45,8 +53,10 @@ class Finetune:
     epochs: int = 0
     optimizer: optax.GradientTransformation | None = None
     compensate: Compensate | None = None
+    divergence_factor: float | None = DIVERGENCE_FACTOR
 
     def __post_init__(self) -> None:
+        check_factor(self.divergence_factor, "Finetune")
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
             raise ValueError(f"retrain epochs must be a non-negative integer, got {self.epochs!r}.")
 
@@ -63,6 +73,7 @@ class Finetune:
         batch_size: int = 128,
         eval_fn: EvalFn | None = None,
         callback: Callback | None = None,
+        checkpoint: Slot | None = None,
     ) -> tuple[PyTree, list[dict[str, Any]]]:
         """Prunes ``params`` to ``masks`` and retrains them with the mask fixed.
 
@@ -72,11 +83,14 @@ class Finetune:
             record: the prune record to fill (``phase``, the solver's step);
                 evaluated on the pruned weights.
             optimizer: the solver's optimizer, used when this stage has none.
+            checkpoint: the retraining's :class:`~admmprune.checkpoint.Slot`
+                (saved every epoch, resumed from when it holds a state).
 
         Returns:
             The pruned, retrained params and the history: the prune record,
             then one ``"retrain"`` record per epoch.
         """
+        check_masks(masks, params)
         pruned = apply_masks(params, masks)
         if self.compensate is not None:
             with_eval(record, pruned, eval_fn, prefix="zeroed_")
@@ -101,6 +115,8 @@ class Finetune:
             eval_fn=eval_fn,
             callback=callback,
             phase="retrain",
+            divergence_factor=self.divergence_factor,
+            checkpoint=checkpoint,
         )
         return pruned, history + retrain
 

@@ -39,6 +39,7 @@ from admmprune import obs
 from admmprune._tree import PyTree, leaf_names
 from admmprune.budgets import Budget, BudgetError, LayerAllocation, in_budget
 from admmprune.finetune import Finetune
+from admmprune.guards import check_inputs
 from admmprune.results import PruneResult, finish
 from admmprune.training import Callback, EvalFn, LossFn
 
@@ -290,6 +291,7 @@ class OneShotPrune:
     ) -> PruneResult:
         """Prunes ``params`` in one shot (then retrains with the mask fixed, if asked)."""
         start = time.perf_counter()
+        check_inputs(params, data, self.budget, "OneShotPrune")
         x, y = data
         n = int(x.shape[0])
         pick = jax.random.permutation(key, n)[: min(self.calibration_examples, n)]

@@ -424,9 +424,17 @@ def project(params: PyTree, budget: Any) -> PyTree:
         A pytree like ``params`` with the entries outside the projection's
         support set to exactly zero. Non-prunable leaves are unchanged.
 
+    Raises:
+        InputError: a leaf holds NaN or inf (no ranking of magnitudes means
+            anything then), or is not floating-point.
+
     Examples:
         >>> z = admmprune.project(params, admmprune.ParamBudget(count=5324))
     """
+    from admmprune.guards import check_budget, check_params
+
+    check_params(params)
+    check_budget(budget, "project")
     return apply_masks(params, budget.mask(params))
 
 

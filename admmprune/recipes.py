@@ -121,6 +121,8 @@ SCHEMA: dict[str, dict[str, _Key]] = {
         "learning_rate": _k(_NUMBER, 1e-3, minimum=0, positive=True),
         "batch_size": _k(int, 128, minimum=1),
         "cache": _k(bool, True),
+        # stop when an epoch's loss exceeds this multiple of the starting loss (0: off)
+        "divergence_factor": _k(_NUMBER, 100.0, minimum=0),
     },
     "budget": {
         "type": _k(str, None),  # "param", "energy" or "pkg.module:Name"; None: from the keys
@@ -161,6 +163,9 @@ SCHEMA: dict[str, dict[str, _Key]] = {
     },
     "solver": {
         "method": _k(str, "admm", choices=METHODS),
+        # the W-step, projected SGD and retraining stop when a loss exceeds this multiple
+        # of the phase's starting loss (0: only non-finite losses stop a run)
+        "divergence_factor": _k(_NUMBER, 100.0, minimum=0),
         "optimizer": _k(str, "adam", choices=OPTIMIZERS),
         "learning_rate": _k(
             _NUMBER, 1e-3, minimum=0, positive=True, methods=("admm", "projected_sgd")
@@ -415,7 +420,8 @@ class Recipe:
             "data": dict(self.data),
             "dense": dict(self.dense),
         }
-        basis["dense"].pop("cache", None)
+        for key in ("cache", "divergence_factor"):  # neither changes the trained network
+            basis["dense"].pop(key, None)
         return hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -132,7 +132,14 @@ def finish(
     converged: bool | None = None,
     state: Any = None,
 ) -> PruneResult:
-    """Builds a solver's :class:`PruneResult`; ``start`` is its ``time.perf_counter()``."""
+    """Builds a solver's :class:`PruneResult`; ``start`` is its ``time.perf_counter()``.
+
+    Raises:
+        DivergenceError: when the result holds a non-finite value.
+    """
+    from admmprune.guards import check_result
+
+    check_result(params, method)
     return PruneResult(
         params=params,
         masks=masks,

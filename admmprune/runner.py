@@ -8,8 +8,9 @@
   (pruned and dense), the energy (``energy``: dense, pruned, fraction and per
   layer, under the recipe's ``[energy]`` model, whatever the budget), epochs,
   wall time, per-layer table, history;
-* ``checkpoint.npz`` while ADMM runs (the whole ADMM state after every
-  iteration; ``resume=True`` continues from it);
+* ``checkpoint.npz`` while the run works (the state of dense training, ADMM
+  and retraining after every epoch or iteration, in one atomic file;
+  ``resume=True`` continues from it; deleted once the run has finished);
 * plots, when matplotlib is installed (``pip install admmprune[plots]``).
 """
 
@@ -31,7 +32,14 @@ import numpy as np
 import admmprune
 from admmprune.admm import BudgetRamp, GeometricRho
 from admmprune.budgets import Budget, BudgetError
-from admmprune.checkpoint import load_checkpoint, load_params, save_checkpoint, save_params
+from admmprune.checkpoint import (
+    CheckpointError,
+    RunCheckpoint,
+    Slot,
+    load_params,
+    read_meta,
+    save_params,
+)
 from admmprune.data import cache_dir, load_mnist, synthetic_classification
 from admmprune.metrics import METRICS
 from admmprune.models import accuracy, cross_entropy_loss, init_model
@@ -72,18 +80,22 @@ def dense_cache_path(recipe: Recipe) -> Path:
 
 
 def dense_params(
-    recipe: Recipe, train: tuple[jax.Array, jax.Array], callback: Callback | None = None
+    recipe: Recipe,
+    train: tuple[jax.Array, jax.Array],
+    callback: Callback | None = None,
+    checkpoint: Slot | None = None,
 ) -> tuple[Any, Callable, dict[str, Any]]:
     """Trains the dense model, or loads it from the cache keyed by its settings.
 
-    Returns ``(params, apply, info)``; ``info`` says whether it was cached and,
-    when trained, the mean epoch time.
+    ``checkpoint`` (a :class:`~admmprune.checkpoint.Slot`) saves the training
+    after every epoch and resumes it. Returns ``(params, apply, info)``;
+    ``info`` says whether it was cached and, when trained, the mean epoch time.
     """
     params, apply = init_model(recipe.problem["model"], seed=recipe.problem["seed"])
     dense = recipe.dense
     path = dense_cache_path(recipe)
     if dense["cache"] and path.exists():
-        return load_params(path, params), apply, {"cached": str(path)}
+        return load_params(path, params), apply, {"cached": True, "cache_file": str(path)}
     opt = make_optimizer(dense["optimizer"], dense["learning_rate"])
     params, history = admmprune.train(
         params,
@@ -95,12 +107,14 @@ def dense_params(
         key=jax.random.key(recipe.problem["seed"]),
         callback=callback,
         phase="dense",
+        divergence_factor=dense["divergence_factor"] or None,
+        checkpoint=checkpoint,
     )
     params = calibrator(recipe, train)(params)
     if dense["cache"]:
         save_params(path, params)
     seconds = [r["seconds"] for r in history]
-    return params, apply, {"cached": None, "epoch_seconds": seconds}
+    return params, apply, {"cached": False, "epoch_seconds": seconds}
 
 
 def calibrator(recipe: Recipe, train: tuple[jax.Array, jax.Array]) -> Callable[[Any], Any]:
@@ -150,6 +164,7 @@ def make_solver(
     """
     s = recipe.solver
     budget = recipe.budget_object()
+    factor = s["divergence_factor"] or None
     phase_epochs = (
         s["epochs_per_round"] if recipe.method == "iterative_magnitude" else s["retrain_epochs"]
     )
@@ -174,7 +189,9 @@ def make_solver(
             fisher_examples=s["fisher_examples"],
             nm=tuple(s["nm"]) if s["nm"] else None,
             finetune=admmprune.Finetune(
-                epochs=s["retrain_epochs"], optimizer=retrain if s["retrain_epochs"] else None
+                epochs=s["retrain_epochs"],
+                optimizer=retrain if s["retrain_epochs"] else None,
+                divergence_factor=factor,
             ),
             batch_size=s["batch_size"],
         )
@@ -185,7 +202,9 @@ def make_solver(
             projected_epochs=s["projected_epochs"],
             project_every=s["project_every"],
             decay_epochs=s["decay_epochs"] or None,
-            finetune=admmprune.Finetune(epochs=s["retrain_epochs"], optimizer=retrain),
+            finetune=admmprune.Finetune(
+                divergence_factor=factor, epochs=s["retrain_epochs"], optimizer=retrain
+            ),
             batch_size=s["batch_size"],
         )
     if recipe.method == "admm":
@@ -210,8 +229,10 @@ def make_solver(
                 epochs=s["retrain_epochs"],
                 optimizer=retrain,
                 compensate=_compensator(recipe, train),
+                divergence_factor=factor,
             ),
             batch_size=s["batch_size"],
+            divergence_factor=factor,
         )
     if recipe.method in ("l1_filter", "slimming", "structured_obs"):
         from admmprune.structured import StructuredBudget
@@ -222,7 +243,7 @@ def make_solver(
                 f'method "{recipe.method}" ranks channels: it takes [budget] type = "channels" '
                 'or "macs" (with units = "channels").'
             )
-        finetune = admmprune.Finetune(epochs=s["retrain_epochs"])
+        finetune = admmprune.Finetune(divergence_factor=factor, epochs=s["retrain_epochs"])
         if recipe.method == "structured_obs":
             return StructuredOBS(
                 budget,
@@ -247,7 +268,7 @@ def make_solver(
         return admmprune.MagnitudePrune(
             budget=budget,
             optimizer=retrain,
-            finetune=admmprune.Finetune(epochs=s["retrain_epochs"]),
+            finetune=admmprune.Finetune(divergence_factor=factor, epochs=s["retrain_epochs"]),
             batch_size=s["batch_size"],
         )
     return admmprune.IterativeMagnitudePrune(
@@ -350,16 +371,27 @@ def solve(
     *,
     callback: Callback | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     plots: bool = True,
+    keep_checkpoint: bool = False,
 ) -> dict[str, Any]:
     """Runs ``recipe`` and writes ``params.npz`` and ``report.json`` into ``out_dir``.
 
-    With ``resume``, an ADMM run continues from ``out_dir/checkpoint.npz``
-    (written after every iteration, with its history in ``checkpoint.json``)
-    if the same recipe wrote it. Returns the report (``report.json``'s content).
+    The run's state is saved in ``out_dir/checkpoint.npz`` after every dense
+    epoch, ADMM iteration and retraining epoch (one file, written atomically:
+    :class:`~admmprune.checkpoint.RunCheckpoint`). ``resume=True`` continues
+    from it -- bit for bit the run that was stopped -- and refuses one that
+    another recipe wrote or a directory without one; without ``resume`` a
+    directory that holds a checkpoint is refused unless ``overwrite=True``.
+    After a successful run the checkpoint is deleted, unless
+    ``keep_checkpoint``. Returns the report (``report.json``'s content).
+
+    Raises:
+        CheckpointError: the directory question above, or an unreadable checkpoint.
+        DivergenceError: the run diverged; the last good checkpoint is kept.
     """
     try:
-        return _solve(recipe, Path(out_dir), callback, resume, plots)
+        return _solve(recipe, Path(out_dir), callback, resume, overwrite, plots, keep_checkpoint)
     finally:
         # A run's compiled functions are of no use to the next one, and each XLA:CPU
         # executable keeps memory mappings alive: a benchmark suite of many runs in
@@ -367,10 +399,67 @@ def solve(
         jax.clear_caches()
 
 
+def describe_checkpoint(path: Path) -> str:
+    """What a checkpoint holds, in words: ``"ADMM iteration 12 of the run"``."""
+    phases = read_meta(path)["phases"]
+    parts = []
+    for name in ("dense", "admm", "retrain"):
+        if name in phases:
+            info = phases[name]
+            step = (
+                f"iteration {info['iteration']}"
+                if "iteration" in info
+                else f"epoch {info['epoch']}"
+            )
+            parts.append(f"{name} {step}")
+    return ", ".join(parts) or "no finished step"
+
+
+def open_checkpoint(recipe: Recipe, out: Path, resume: bool, overwrite: bool) -> RunCheckpoint:
+    """The run's checkpoint: read to resume, or a new one (see :func:`solve`).
+
+    Raises:
+        CheckpointError: ``out`` is a file; ``resume`` without a checkpoint;
+            a checkpoint there without ``resume`` or ``overwrite``; an
+            unreadable one, or another recipe's.
+    """
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(
+            f"--out {out} is a file, not a directory; name a directory (it is created)."
+        )
+    path = out / "checkpoint.npz"
+    if resume and overwrite:
+        raise CheckpointError("--resume continues a checkpoint, --overwrite discards it: pick one.")
+    if resume:
+        if not path.exists():
+            raise CheckpointError(
+                f"--resume: {out} holds no checkpoint.npz to resume; drop --resume to start "
+                "the run afresh there."
+            )
+        return RunCheckpoint.open(path, recipe.fingerprint())
+    if path.exists() and not overwrite:
+        try:
+            held = describe_checkpoint(path)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e} (or pass --overwrite)") from None
+        raise CheckpointError(
+            f"{out} holds the checkpoint of another run ({held}); pass --resume to continue it, "
+            "--overwrite to discard it, or another --out."
+        )
+    return RunCheckpoint(path, recipe.fingerprint())
+
+
 def _solve(
-    recipe: Recipe, out: Path, callback: Callback | None, resume: bool, plots: bool
+    recipe: Recipe,
+    out: Path,
+    callback: Callback | None,
+    resume: bool,
+    overwrite: bool,
+    plots: bool,
+    keep_checkpoint: bool,
 ) -> dict[str, Any]:
     start = time.perf_counter()
+    checkpoint = open_checkpoint(recipe, out, resume, overwrite)  # before any work
     validate(recipe)
     train, test = load_data(recipe)
     check_batch_sizes(recipe, int(train[0].shape[0]))
@@ -378,7 +467,9 @@ def _solve(
     # A report marks a finished run: an earlier one's must not sit beside this
     # run's params while it works (a benchmark would take them for finished).
     (out / "report.json").unlink(missing_ok=True)
-    params, apply, dense_info = dense_params(recipe, train, callback)
+    (out / "checkpoint.json").unlink(missing_ok=True)  # the side file of older versions
+    resumed_from = checkpoint.phases()
+    params, apply, dense_info = dense_params(recipe, train, callback, checkpoint.slot("dense"))
     loss_fn = cross_entropy_loss(apply)
     calibrate = calibrator(recipe, train)
     infer = evaluator(recipe)
@@ -396,28 +487,7 @@ def _solve(
         solver = dataclasses.replace(solver, budget=allocate(params))
         allocation_seconds = time.perf_counter() - begin
     key = jax.random.key(recipe.problem["seed"] + 1)
-    extra: dict[str, Any] = {}
-    resumed_from = None
-    if recipe.method == "admm":
-        ckpt, side = out / "checkpoint.npz", out / "checkpoint.json"
-        if resume and ckpt.exists() and side.exists():
-            meta = json.loads(side.read_text())
-            if meta.get("recipe") != recipe.fingerprint():
-                raise RecipeError(
-                    f"{ckpt} was written by a different recipe (or other settings); "
-                    "drop --resume to start afresh, or use another --out directory."
-                )
-            like = solver.init(params, key, solver.metric_like(params))
-            extra["state"] = load_checkpoint(ckpt, like)
-            extra["history"] = meta["history"]
-            resumed_from = int(extra["state"].iteration)
-
-        def on_iteration(state: Any, history: list[dict[str, Any]]) -> None:
-            save_checkpoint(ckpt, state)
-            meta = {"recipe": recipe.fingerprint(), "history": history}
-            side.write_text(json.dumps(meta, allow_nan=False))
-
-        extra["on_iteration"] = on_iteration
+    extra: dict[str, Any] = {"checkpoint": checkpoint} if recipe.method == "admm" else {}
     result: PruneResult = solver.run(
         params, loss_fn, train, key=key, eval_fn=evaluate, callback=callback, **extra
     )
@@ -442,14 +512,28 @@ def _solve(
     )
     if compact_info is not None:
         report["compact"] = compact_info
-    if resumed_from is not None:
-        report["resumed_from_iteration"] = resumed_from
+    if resumed_from:
+        report["resumed_from"] = resumed_from_summary(resumed_from)
+        if "admm" in resumed_from:
+            report["resumed_from_iteration"] = resumed_from["admm"]["iteration"]
     written = out / "report.json.partial"
     written.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     written.replace(out / "report.json")  # last and atomic: a report means finished
+    if not keep_checkpoint:
+        checkpoint.path.unlink(missing_ok=True)
     if plots:
         report["plots"] = save_plots(report, out)
     return report
+
+
+def resumed_from_summary(phases: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """``{"dense_epoch": 20, "admm_iteration": 12}``: where a resumed run picked up."""
+    out = {}
+    for name, info in phases.items():
+        for step in ("iteration", "epoch"):
+            if step in info:
+                out[f"{name}_{step}"] = int(info[step])
+    return out
 
 
 def export_compact(

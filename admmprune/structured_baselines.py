@@ -28,6 +28,7 @@ import optax
 
 from admmprune._tree import PyTree, apply_masks, named_leaves
 from admmprune.finetune import Finetune
+from admmprune.guards import check_inputs
 from admmprune.results import PruneResult, finish
 from admmprune.structured import StructuredBudget
 from admmprune.training import Callback, EvalFn, LossFn, check_batch_size, train
@@ -99,6 +100,7 @@ class L1FilterPrune:
         callback: Callback | None = None,
     ) -> PruneResult:
         start = time.perf_counter()
+        check_inputs(params, data, self.budget, "L1FilterPrune")
         check_batch_size(data, self.batch_size)
         scores = self.budget.structure.l1_scores(params)
         masks = self.budget.project_by(params, scores).masks
@@ -163,6 +165,7 @@ class NetworkSlimming:
         callback: Callback | None = None,
     ) -> PruneResult:
         start = time.perf_counter()
+        check_inputs(params, data, self.budget, "NetworkSlimming")
         check_batch_size(data, self.batch_size)
         scales = norm_scales(self.budget, params)
         if not any(scales.values()):
@@ -308,6 +311,7 @@ class StructuredOBS:
         from admmprune.obs import prune_layerwise
 
         start = time.perf_counter()
+        check_inputs(params, data, self.budget, "StructuredOBS")
         x = data[0]
         key, sub = jax.random.split(key)
         pick = jax.random.permutation(sub, int(x.shape[0]))[: self.calibration_examples]

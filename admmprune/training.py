@@ -22,14 +22,27 @@ import functools
 import math
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from admmprune._tree import PyTree, apply_masks
+from admmprune.guards import (
+    DIVERGENCE_FACTOR,
+    DivergenceError,
+    LossWatch,
+    check_data,
+    check_factor,
+    check_masks,
+    check_params,
+    start_loss,
+)
 from admmprune.results import with_eval
+
+if TYPE_CHECKING:
+    from admmprune.checkpoint import Slot
 
 LossFn = Callable[[PyTree, Any], jax.Array]
 EvalFn = Callable[[PyTree], Mapping[str, float]]
@@ -241,7 +254,7 @@ def run_epoch(
     loss = float(loss)  # waits for the epoch to finish
     seconds = time.perf_counter() - start
     if not math.isfinite(loss):
-        raise FloatingPointError(
+        raise DivergenceError(
             f"training loss became {loss} ({phase} epoch); lower the learning rate "
             "or, for ADMM, the initial rho."
         )
@@ -261,6 +274,8 @@ def train(
     eval_fn: EvalFn | None = None,
     callback: Callback | None = None,
     phase: str = "train",
+    divergence_factor: float | None = DIVERGENCE_FACTOR,
+    checkpoint: Slot | None = None,
 ) -> tuple[PyTree, list[dict[str, Any]]]:
     """Trains ``params`` for ``epochs`` epochs; masked if ``masks`` is given.
 
@@ -269,15 +284,46 @@ def train(
     they are still exactly zero at the end. The optimizer state is created
     fresh from the masked parameters.
 
+    Args:
+        divergence_factor: stop with :class:`~admmprune.guards.DivergenceError`
+            when an epoch's mean loss exceeds this multiple of the loss at the
+            start (on the first minibatch); None or 0: only non-finite losses stop.
+        checkpoint: a :class:`~admmprune.checkpoint.Slot`: the params, optimizer
+            state, key and history are saved after every epoch, and a run that
+            finds a saved state continues from it, bit for bit as if never stopped.
+
     Returns:
         The trained params and one history record per epoch
         (``phase``, ``epoch``, ``loss`` and whatever ``eval_fn`` returns).
+
+    Raises:
+        InputError: non-finite or non-float params, non-finite data, masks
+            unlike the params.
+        DivergenceError: the loss went non-finite or diverged.
     """
+    check_params(params)
+    check_data(data)
+    check_factor(divergence_factor, "train")
+    check_batch_size(data, batch_size)
     if masks is not None:
+        check_masks(masks, params)
         params = apply_masks(params, masks)
     opt_state = optimizer.init(params)
     history: list[dict[str, Any]] = []
-    for epoch in range(epochs):
+    first = 0
+    reference = None
+    saved = None
+    if checkpoint is not None:
+        saved = checkpoint.restore({"params": params, "opt_state": opt_state, "key": key})
+    if saved is not None:
+        tree, info = saved
+        params, opt_state, key = tree["params"], tree["opt_state"], tree["key"]
+        history, first, reference = list(info["history"]), int(info["epoch"]), info["reference"]
+    else:
+        reference = start_loss(loss_fn, params, data, batch_size)
+        reference = reference if math.isfinite(reference) else None
+    watch = LossWatch(phase, math.inf if reference is None else reference, divergence_factor)
+    for epoch in range(first, epochs):
         key, sub = jax.random.split(key)
         params, opt_state, stats = run_epoch(
             params,
@@ -288,8 +334,9 @@ def train(
             optimizer=optimizer,
             batch_size=batch_size,
             masks=masks,
-            phase="plain" if masks is None else "masked",
+            phase=phase,
         )
+        watch(stats.loss, f"epoch {epoch + 1}")
         record: dict[str, Any] = {
             "phase": phase,
             "epoch": epoch + 1,
@@ -299,4 +346,7 @@ def train(
         history.append(with_eval(record, params, eval_fn))
         if callback is not None:
             callback(record)
+        if checkpoint is not None:
+            state = {"params": params, "opt_state": opt_state, "key": key}
+            checkpoint.save(state, {"epoch": epoch + 1, "history": history, "reference": reference})
     return params, history

@@ -28,11 +28,21 @@ TREE = {
         ({"per_layer": {}}, "per_layer is empty"),
         ({"per_layer": {"fc1": -1}}, "must be >= 0"),
         ({"per_layer": {"fc1": 1.2}}, "fraction in [0, 1]"),
+        ({"keep": 0}, "keep=0 is an empty budget"),
+        ({"keep": 0.0}, "keep=0 is an empty budget"),
+        ({"count": 0}, "count=0 is an empty budget"),
     ],
 )
 def test_invalid_budget_is_rejected_at_construction(kwargs, words):
     with pytest.raises(BudgetError, match=words.replace("[", r"\[").replace("]", r"\]")):
         ParamBudget(**kwargs)
+
+
+def test_a_budget_that_rounds_to_nothing_names_the_smallest_one():
+    with pytest.raises(BudgetError, match=r"rounds to 0 of the 60 .* keep=0.0167 \(count=1\)"):
+        ParamBudget(keep=0.001).check(TREE)
+    with pytest.raises(BudgetError, match="per_layer keeps no weight"):
+        ParamBudget(per_layer={"fc1": 0, "fc2": 0.0}).check(TREE)
 
 
 def test_count_above_prunable_weights_names_the_limit():

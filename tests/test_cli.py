@@ -129,7 +129,7 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, capsys
 
     with pytest.raises(_InterruptError):
         solve(recipe, tmp_path / "cut", callback=stop_at_second_iteration, plots=False)
-    resumed = solve(recipe, tmp_path / "cut", resume=True, plots=False)
+    resumed = solve(recipe, tmp_path / "cut", resume=True, plots=False, keep_checkpoint=True)
     assert resumed["resumed_from_iteration"] == 1
     assert resumed["epochs"] == full["epochs"] == 4
     assert len([r for r in resumed["history"] if r["phase"] == "admm"]) == 3
@@ -359,3 +359,100 @@ def test_bench_checks_models_before_any_suite_runs(tmp_path, capsys, suite, mode
     assert cli.main(args) == 2
     assert says in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+# ---------------------------------------------------------------- runs that fail, data kept
+def test_a_diverging_learning_rate_fails_with_exit_3_and_writes_no_result(tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["solve", str(_recipe(tmp_path)), "--out", str(out), "--quiet", "--no-plots"]
+    assert cli.main([*args, "--set", "solver.learning_rate=1e3"]) == 3
+    err = capsys.readouterr().err
+    assert "run failed: ADMM diverged" in err and "Traceback" not in err
+    assert "last good checkpoint" in err  # the dense epochs and any iteration before it
+    assert not (out / "report.json").exists() and not (out / "params.npz").exists()
+
+
+@pytest.mark.parametrize(
+    "setting, words",
+    [
+        ("budget.keep=0", "keep=0 is an empty budget"),
+        ("budget.keep=1e-9", "rounds to 0 of the 266200"),
+    ],
+)
+def test_an_empty_budget_is_bad_input(tmp_path, capsys, setting, words):
+    args = ["solve", str(_recipe(tmp_path)), "--out", str(tmp_path / "o"), "--quiet"]
+    assert cli.main([*args, "--set", setting]) == 2
+    assert words in capsys.readouterr().err
+
+
+def test_a_checkpoint_is_never_silently_replaced(tmp_path, capsys):
+    recipe = load_recipe(_recipe(tmp_path))
+    out = tmp_path / "run"
+
+    def stop_in_the_admm_phase(record):
+        if record.get("phase") == "admm" and record["iteration"] == 2:
+            raise _InterruptError
+
+    with pytest.raises(_InterruptError):
+        solve(recipe, out, callback=stop_in_the_admm_phase, plots=False)
+    before = (out / "checkpoint.npz").read_bytes()
+    args = ["solve", str(_recipe(tmp_path)), "--out", str(out), "--quiet", "--no-plots"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "holds the checkpoint of another run (dense epoch 2, admm iteration 1)" in err
+    assert "--resume" in err and "--overwrite" in err
+    assert (out / "checkpoint.npz").read_bytes() == before
+    assert cli.main([*args, "--overwrite"]) == 0
+    assert not (out / "checkpoint.npz").exists()  # removed once the run has finished
+    assert (out / "report.json").exists()
+
+
+def test_resume_needs_a_checkpoint_and_out_must_be_a_directory(tmp_path, capsys):
+    recipe = str(_recipe(tmp_path))
+    assert cli.main(["solve", recipe, "--out", str(tmp_path / "new"), "--resume"]) == 2
+    assert "holds no checkpoint.npz to resume; drop --resume" in capsys.readouterr().err
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    assert cli.main(["solve", recipe, "--out", str(a_file)]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "random", "foreign"])
+def test_a_damaged_checkpoint_says_what_to_do(tmp_path, capsys, damage):
+    recipe = load_recipe(_recipe(tmp_path))
+    out = tmp_path / "run"
+
+    def stop(record):
+        if record.get("phase") == "admm":
+            raise _InterruptError
+
+    with pytest.raises(_InterruptError):
+        solve(recipe, out, callback=stop, plots=False)
+    ckpt = out / "checkpoint.npz"
+    data = ckpt.read_bytes()
+    if damage == "truncated":
+        ckpt.write_bytes(data[: len(data) // 2])
+    elif damage == "empty":
+        ckpt.write_bytes(b"")
+    elif damage == "random":
+        ckpt.write_bytes(np.random.default_rng(0).bytes(4096))
+    else:
+        np.savez(ckpt, a=np.zeros(3))
+    args = ["solve", str(_recipe(tmp_path)), "--out", str(out), "--quiet", "--no-plots"]
+    assert cli.main([*args, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "pickled" not in err
+    words = {
+        "truncated": "truncated or corrupt",
+        "empty": "is empty",
+        "random": "truncated or corrupt",
+        "foreign": "not an admmprune run checkpoint",
+    }[damage]
+    assert words in err and "--overwrite" in err
+    assert cli.main([*args, "--overwrite"]) == 0
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("admmprune ")

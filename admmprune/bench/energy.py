@@ -75,7 +75,7 @@ def largest_count_within(params: Any, model: Any, limit: float) -> int:
     def energy(k: int) -> float:
         return model.energy(ParamBudget(count=k).mask(params))
 
-    prunable = ParamBudget(count=0).prunable(params)
+    prunable = ParamBudget(count=1).prunable(params)
     lo = 0
     hi = sum(int(np.size(a)) for a, f in zip(jax.tree.leaves(params), prunable, strict=True) if f)
     if energy(hi) <= limit:
