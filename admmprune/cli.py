@@ -1,6 +1,7 @@
 """The ``admmprune`` command line.
 
-    admmprune solve RECIPE --out DIR [--quiet] [--json] [--resume] [--set KEY=VALUE ...]
+    admmprune solve RECIPE --out DIR [--quiet] [--json] [--resume | --overwrite] [--set K=V ...]
+    admmprune validate RECIPE [--json] [--set KEY=VALUE ...]
     admmprune bench [--suite param|energy|obs|structured|projections|all] [--quick] [--out DIR]
     admmprune fetch-data [--dataset mnist|fashion-mnist|all] [--dir DIR]
 
@@ -166,6 +167,40 @@ def cmd_solve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_validate(args: argparse.Namespace) -> int:
+    """``validate``: every check of ``solve`` (recipe, budget, data, model, params), no training."""
+    from admmprune.recipes import load_recipe
+    from admmprune.runner import check_recipe
+
+    recipe = load_recipe(args.recipe)
+    if args.set:
+        recipe = recipe.with_overrides(dict(parse_override(s) for s in args.set))
+    summary = check_recipe(recipe)
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        print(
+            f"{args.recipe}: ok. {summary['model']} ({summary['parameters']} parameters, "
+            f"{summary['prunable_weights']} prunable), {summary['train_examples']} training and "
+            f"{summary['test_examples']} test examples shaped {summary['input_shape']}, "
+            f"{summary['classes']} classes; {summary['method']} from {summary['start']}, "
+            f"budget {summary['budget']}."
+        )
+    return 0
+
+
+def recipe_keys_help() -> str:
+    """The recipe schema in brief, for ``solve --help`` (README "Recipes" has the meanings)."""
+    from admmprune.recipes import SCHEMA
+
+    lines = ["recipe keys (TOML tables; README 'Recipes' explains each):"]
+    for section, keys in SCHEMA.items():
+        lines.append(f"  [{section}] " + ", ".join(keys))
+    lines.append('  [budget] type may also be "package.module:Name", a budget of your own;')
+    lines.append('  problem.model / problem.data may be "package.module:Name" (yours).')
+    return "\n".join(lines)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from admmprune.bench.energy import run_energy_benchmark
     from admmprune.bench.obs import run_obs_benchmark
@@ -267,7 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"admmprune {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("solve", help="run one recipe (a TOML file in solvers/)")
+    s = sub.add_parser(
+        "solve",
+        help="run one recipe (a TOML file in solvers/)",
+        epilog=recipe_keys_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     s.add_argument("recipe", type=Path)
     s.add_argument("--out", type=Path, required=True, help="directory for params.npz, report.json")
     s.add_argument("--quiet", action="store_true", help="no progress bar, no table")
@@ -297,6 +337,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a recipe value (repeatable), e.g. --set solver.rho=1e-3",
     )
     s.set_defaults(func=cmd_solve)
+    v = sub.add_parser(
+        "validate",
+        help="check a recipe, its model, data and budget without training",
+        epilog=recipe_keys_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    v.add_argument("recipe", type=Path)
+    v.add_argument("--json", action="store_true", help="print the summary as JSON")
+    v.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="as for solve")
+    v.set_defaults(func=cmd_validate)
     b = sub.add_parser("bench", help="run the benchmark set and write results.md")
     b.add_argument("--out", type=Path, default=Path("runs/bench"))
     b.add_argument("--solvers", type=Path, default=Path("solvers"), help="recipe directory")

@@ -986,7 +986,12 @@ def derive(
     leaves = jax.tree.leaves(params)
     shapes = [tuple(np.shape(x)) for x in leaves]
     x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
-    closed = jax.make_jaxpr(apply)(params, x)
+    try:
+        closed = jax.make_jaxpr(apply)(params, x)
+    except (TypeError, ValueError) as e:
+        from admmprune.layers import input_shape_error
+
+        raise input_shape_error(input_shape, e) from None
     tracer = _Tracer(names, shapes)
     labels: list[Any] = [
         _Par(tuple(((i, a, np.arange(n)),) for a, n in enumerate(s))) for i, s in enumerate(shapes)

@@ -53,6 +53,15 @@ class LayerShape:
         return float(self.input_size if self.input_nonzero is None else self.input_nonzero)
 
 
+def input_shape_error(input_shape: tuple[int, ...], error: Exception) -> ValueError:
+    """The error for a model traced on inputs it cannot take (jax's own is about dot_general)."""
+    first = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+    return ValueError(
+        f"the model cannot take one input of shape {tuple(input_shape)} ({first}); give the "
+        "shape of one example as the data feeds it (a recipe's problem.input_shape)."
+    )
+
+
 def layer_shapes(
     model: Any,
     input_shape: tuple[int, ...],
@@ -97,7 +106,10 @@ def layer_shapes(
             seen.append(LayerShape(name, "dense", int(layer.in_features), int(layer.out_features)))
 
     with record_layers(model, hook):
-        jax.eval_shape(lambda x: model(x), jax.ShapeDtypeStruct((1, *input_shape), np.float32))
+        try:
+            jax.eval_shape(lambda x: model(x), jax.ShapeDtypeStruct((1, *input_shape), np.float32))
+        except (TypeError, ValueError) as e:
+            raise input_shape_error(input_shape, e) from None
     density = dict(input_density or {})
     unknown = sorted(set(density) - {s.name for s in seen})
     if unknown:

@@ -311,17 +311,21 @@ __all__ = [
     "Downsample",
     "LeNet5",
     "LeNet300",
+    "ModelError",
     "ResCNN",
     "Residual",
     "Zero",
     "accuracy",
     "avg_pool_2x2",
+    "build_model",
     "conv2d",
     "conv2d_valid",
     "cross_entropy_loss",
+    "import_object",
     "init_model",
     "max_pool_2x2",
     "merge_nnx",
+    "model_source_digest",
     "split_nnx",
 ]
 
@@ -333,11 +337,84 @@ INPUT_SHAPES: dict[str, tuple[int, ...]] = {
 }
 
 
+class ModelError(ValueError):
+    """A model name or import path that does not give an nnx model."""
+
+
+def import_object(path: str, what: str) -> Any:
+    """``"package.module:Name"`` -> the object; :class:`ModelError` naming ``what`` if not."""
+    import importlib
+
+    module, _, name = path.partition(":")
+    if not module or not name:
+        raise ModelError(f"{what}: {path!r} is not an import path like 'mypkg.nets:ResNet8'.")
+    try:
+        obj = importlib.import_module(module)
+        for part in name.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as e:
+        raise ModelError(
+            f"{what}: cannot import {path!r} ({e}); is the package installed or on PYTHONPATH?"
+        ) from None
+    if not callable(obj):
+        raise ModelError(f"{what}: {path!r} is not a class or function.")
+    return obj
+
+
+def build_model(name: str, seed: int = 0) -> nnx.Module:
+    """A model by name: a key of :data:`MODELS`, or a user's by import path.
+
+    ``"mypkg.nets:ResNet8"`` is imported and called as ``ResNet8(nnx.Rngs(seed))``
+    (a class or a function of the Rngs alone); it must return an ``nnx.Module``
+    built from layers admmprune knows (``nnx.Linear``, ``nnx.Conv``,
+    ``nnx.BatchNorm``, ...) that maps a batch of inputs to class logits.
+
+    Raises:
+        ModelError: unknown name, failed import, or not an nnx model.
+    """
+    if ":" not in name:
+        if name not in MODELS:
+            raise ModelError(
+                f"unknown model {name!r}; choose one of {sorted(MODELS)} or give an import "
+                "path such as 'mypkg.nets:ResNet8'."
+            )
+        return MODELS[name](nnx.Rngs(seed))
+    factory = import_object(name, "problem.model")
+    try:
+        model = factory(nnx.Rngs(seed))
+    except TypeError as e:
+        raise ModelError(
+            f"problem.model: {name}(nnx.Rngs(seed)) failed ({e}); the model must be built "
+            "from an nnx.Rngs alone (wrap other arguments in a function)."
+        ) from None
+    if not isinstance(model, nnx.Module):
+        raise ModelError(
+            f"problem.model: {name} returned a {type(model).__name__}, not an nnx.Module."
+        )
+    return model
+
+
+def model_source_digest(name: str, what: str = "problem.model") -> str:
+    """A hash of a user model's source file ("" for the built-in models): it keys the
+    dense cache and checkpoints, so an edited model never reuses another's network."""
+    if ":" not in name:
+        return ""
+    import hashlib
+    import inspect
+
+    try:
+        source = inspect.getsourcefile(import_object(name, what))
+    except TypeError:
+        return ""
+    if source is None:
+        return ""
+    with open(source, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
 def init_model(name: str, seed: int = 0) -> tuple[dict[str, Any], Apply]:
-    """Builds a named model (a key of :data:`MODELS`) and splits it."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}.")
-    return split_nnx(MODELS[name](nnx.Rngs(seed)))
+    """Builds a model by name or import path (:func:`build_model`) and splits it."""
+    return split_nnx(build_model(name, seed))
 
 
 def _xent(apply: Apply, params: PyTree, batch: tuple[jax.Array, jax.Array]) -> jax.Array:

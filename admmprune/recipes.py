@@ -94,19 +94,29 @@ class _Key:
     minimum: float | None = None
     methods: tuple[str, ...] | None = None  # solver keys that only some methods take
     positive: bool = False  # strictly above ``minimum``
+    import_path: bool = False  # besides the choices, a user's "package.module:Name"
 
 
-def _k(types, default, choices=None, minimum=None, methods=None, positive=False) -> _Key:
+def _k(
+    types, default, choices=None, minimum=None, methods=None, positive=False, import_path=False
+) -> _Key:
     types = types if isinstance(types, tuple) else (types,)
-    return _Key(types, default, choices, minimum, methods, positive)
+    return _Key(types, default, choices, minimum, methods, positive, import_path)
 
 
 SCHEMA: dict[str, dict[str, _Key]] = {
     "problem": {
         "name": _k(str, None),
-        "model": _k(str, None, choices=tuple(MODELS)),
-        "data": _k(str, "mnist", choices=("mnist", "fashion_mnist", "synthetic")),
+        # a built-in model, or a user's nnx model by import path ("mypkg.nets:ResNet8",
+        # called with nnx.Rngs(seed)); a user model also needs input_shape
+        "model": _k(str, None, choices=tuple(MODELS), import_path=True),
+        # a built-in dataset, or a user's loader by import path ("mypkg.data:load", called
+        # with no arguments, returning ((x_train, y_train), (x_test, y_test)) arrays)
+        "data": _k(str, "mnist", choices=("mnist", "fashion_mnist", "synthetic"), import_path=True),
         "seed": _k(int, 0, minimum=0),
+        "input_shape": _k(list, None),  # one example's shape, e.g. [32, 32, 3]
+        # start from these trained params (a save_params .npz) instead of dense training
+        "params": _k(str, ""),
     },
     "data": {
         "train_subset": _k(int, 0, minimum=0),  # 0 = all training examples
@@ -242,7 +252,10 @@ def _check_value(where: str, spec: _Key, value: Any) -> Any:
     if not ok:
         raise RecipeError(f"{where}: expected {_type_name(spec.types)}, got {value!r}.")
     if spec.choices is not None and value not in spec.choices:
-        raise RecipeError(f"{where}: {value!r} is not one of {list(spec.choices)}.")
+        if spec.import_path and ":" in value:
+            return value  # imported (and checked) when the recipe is parsed
+        also = " or an import path like 'mypkg.mod:Name'" if spec.import_path else ""
+        raise RecipeError(f"{where}: {value!r} is not one of {list(spec.choices)}{also}.")
     if isinstance(value, float) and not math.isfinite(value):
         raise RecipeError(f"{where}: must be a finite number, got {value!r}.")
     if spec.minimum is not None and value < spec.minimum:
@@ -281,7 +294,40 @@ class Recipe:
                 out["budget"].pop(key, None)
         if out["solver"].get("nm", 0) is None:
             out["solver"].pop("nm")
+        for key, unset in (("input_shape", None), ("params", "")):  # as before they existed
+            if out["problem"].get(key, unset) == unset:
+                out["problem"].pop(key, None)
         return json.loads(json.dumps(out, default=str))
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One example's shape: ``problem.input_shape``, else the built-in model's."""
+        given = self.problem.get("input_shape")
+        if given:
+            return tuple(int(d) for d in given)
+        return INPUT_SHAPES[self.problem["model"]]
+
+    def network(self, seed: int | None = None) -> Any:
+        """The recipe's nnx model (built-in or imported), seeded by ``problem.seed``."""
+        from admmprune.models import build_model
+
+        return build_model(self.problem["model"], self.problem["seed"] if seed is None else seed)
+
+    def user_code_digest(self) -> dict[str, str]:
+        """Hashes of what the recipe names outside itself: a user model's and data
+        loader's source files, the starting params file (empty for built-ins)."""
+        from admmprune.models import model_source_digest
+
+        out = {}
+        for key in ("model", "data"):
+            path = self.problem[key]
+            digest = model_source_digest(path, f"problem.{key}") if ":" in path else ""
+            if digest:
+                out[key] = digest
+        if self.problem.get("params"):
+            with open(self.problem["params"], "rb") as f:
+                out["params"] = hashlib.sha256(f.read()).hexdigest()[:16]
+        return out
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> Recipe:
         """A copy with ``{"section.key": value}`` overrides, validated like the file.
@@ -362,9 +408,7 @@ class Recipe:
             if e["model"] == "linear":
                 params, _ = init_model(name)
                 return LinearEnergy.from_params(params, e["per_weight"], constant=e["constant"])
-            from flax import nnx
-
-            shapes = layer_shapes(MODELS[name](nnx.Rngs(0)), INPUT_SHAPES[name], e["input_density"])
+            shapes = layer_shapes(self.network(seed=0), self.input_shape, e["input_density"])
         except ValueError as err:
             raise RecipeError(f"[energy]: {err}") from None
         units = ("e_mac", "e_mem", "e_cache", "e_rf", "input_cache", "kernel_cache")
@@ -411,7 +455,11 @@ class Recipe:
 
     def fingerprint(self) -> str:
         """A hash of the whole recipe (a checkpoint is only resumed by the recipe that wrote it)."""
-        return hashlib.sha256(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()
+        basis: dict[str, Any] = self.as_dict()
+        code = self.user_code_digest()
+        if code:  # an edited user model, loader or params file is another run
+            basis = {**basis, "user_code": code}
+        return hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()
 
     def dense_key(self) -> str:
         """A hash of everything the dense model depends on (its cache key)."""
@@ -422,6 +470,9 @@ class Recipe:
         }
         for key in ("cache", "divergence_factor"):  # neither changes the trained network
             basis["dense"].pop(key, None)
+        code = self.user_code_digest()
+        if code:  # two user models (or versions of one) never share a cached network
+            basis["user_code"] = code
         return hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -447,12 +498,10 @@ def _energy_budget(recipe: Recipe) -> Budget:
 
 def structure_of(recipe: Recipe) -> Any:
     """The channel and branch groups of the recipe's model (:func:`admmprune.groups.derive`)."""
-    from flax import nnx
 
     from admmprune.groups import derive
 
-    name = recipe.problem["model"]
-    return derive(MODELS[name](nnx.Rngs(recipe.problem["seed"])), INPUT_SHAPES[name])
+    return derive(recipe.network(), recipe.input_shape)
 
 
 def _given(recipe: Recipe, keys: tuple[str, ...]) -> dict[str, Any]:
@@ -537,6 +586,39 @@ def _import_path(path: str) -> Any:
     return obj
 
 
+def _check_problem(problem: Mapping[str, Any]) -> None:
+    """A user's model, loader and params named by the recipe exist and fit together."""
+    from admmprune.models import ModelError, build_model, import_object
+
+    model = problem["model"]
+    shape = problem.get("input_shape")
+    if shape is not None and (
+        not shape
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
+    ):
+        raise RecipeError(
+            f"problem.input_shape: expected one example's shape as positive integers, e.g. "
+            f"[32, 32, 3], got {shape!r}."
+        )
+    try:
+        if ":" in model:
+            if shape is None:
+                raise RecipeError(
+                    f"problem.input_shape: the user model {model!r} needs the shape of one "
+                    "input example, e.g. input_shape = [32, 32, 3]."
+                )
+            build_model(model, problem["seed"])
+        if ":" in problem["data"]:
+            import_object(problem["data"], "problem.data")
+    except ModelError as e:
+        raise RecipeError(str(e)) from None
+    if problem.get("params") and not Path(problem["params"]).is_file():
+        raise RecipeError(
+            f"problem.params: {problem['params']!r} is not a file; give the .npz that "
+            "admmprune.save_params wrote for this model."
+        )
+
+
 def _applies(key: str, method: str) -> bool:
     methods = SCHEMA["solver"][key].methods
     return methods is None or method in methods
@@ -587,6 +669,7 @@ def parse_recipe(raw: Mapping[str, Any], *, name: str, path: str | None = None) 
             out["retrain_epochs"] = 0  # one-shot means no retraining unless asked
         parsed[section] = out
     parsed["problem"]["name"] = parsed["problem"]["name"] or name
+    _check_problem(parsed["problem"])
     if custom:
         _check_energy_section(parsed["energy"])
         recipe = Recipe(**parsed, path=path)

@@ -51,7 +51,9 @@ from admmprune.training import Callback
 def load_data(recipe: Recipe) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
     """The recipe's (train, test) arrays: MNIST (optionally a leading slice) or synthetic."""
     d, seed = recipe.data, recipe.problem["seed"]
-    if recipe.problem["data"] == "synthetic":
+    if ":" in recipe.problem["data"]:
+        train, test = user_data(recipe)
+    elif recipe.problem["data"] == "synthetic":
         # One draw split in two, so the same teacher labels train and test.
         both = synthetic_classification(
             d["synthetic_train"] + d["synthetic_test"], image=True, classes=10, seed=seed
@@ -74,9 +76,59 @@ def load_data(recipe: Recipe) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Ar
     return tuple(map(jnp.asarray, train)), tuple(map(jnp.asarray, test))
 
 
+def user_data(recipe: Recipe) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
+    """A user's loader (``problem.data = "pkg.mod:load"``), called with no arguments.
+
+    It returns ``((x_train, y_train), (x_test, y_test))``: inputs shaped
+    ``(n, *input_shape)``, integer class labels shaped ``(n,)``.
+
+    Raises:
+        DataError: naming what the loader returned that does not fit.
+    """
+    from admmprune.data import DataError
+    from admmprune.models import ModelError, import_object
+
+    path = recipe.problem["data"]
+    try:
+        loader = import_object(path, "problem.data")
+    except ModelError as e:
+        raise DataError(str(e)) from None
+    got = loader()
+    try:
+        (xt, yt), (xs, ys) = got
+    except (TypeError, ValueError):
+        raise DataError(
+            f"problem.data: {path}() returned a {type(got).__name__}; it must return "
+            "((x_train, y_train), (x_test, y_test))."
+        ) from None
+    shape = recipe.input_shape
+    for split, x, y in (("train", xt, yt), ("test", xs, ys)):
+        x, y = np.asarray(x), np.asarray(y)
+        if x.shape[1:] != shape:
+            raise DataError(
+                f"problem.data: {path}()'s {split} inputs have shape {x.shape}, but "
+                f"problem.input_shape is {list(shape)}: each example must be {list(shape)}."
+            )
+        if y.shape != (x.shape[0],) or not np.issubdtype(y.dtype, np.integer):
+            raise DataError(
+                f"problem.data: {path}()'s {split} labels have shape {y.shape} and dtype "
+                f"{y.dtype}; they must be {x.shape[0]} integer class labels."
+            )
+        if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+            raise DataError(
+                f"problem.data: {path}()'s {split} inputs hold "
+                f"{int((~np.isfinite(x)).sum())} non-finite values; clean them first."
+            )
+    return (np.asarray(xt, np.float32), np.asarray(yt)), (
+        np.asarray(xs, np.float32),
+        np.asarray(ys),
+    )
+
+
 def dense_cache_path(recipe: Recipe) -> Path:
     """Where the recipe's dense model is cached (keyed by a hash of its settings)."""
-    return cache_dir() / "dense" / f"{recipe.problem['model']}-{recipe.dense_key()}.npz"
+    label = recipe.problem["model"].replace(":", "-").replace("/", "-")
+    return cache_dir() / "dense" / f"{label}-{recipe.dense_key()}.npz"
 
 
 def dense_params(
@@ -92,6 +144,9 @@ def dense_params(
     ``info`` says whether it was cached and, when trained, the mean epoch time.
     """
     params, apply = init_model(recipe.problem["model"], seed=recipe.problem["seed"])
+    if recipe.problem["params"]:  # the user's trained network: no dense training
+        given = load_params(recipe.problem["params"], params)
+        return given, apply, {"cached": False, "given": recipe.problem["params"]}
     dense = recipe.dense
     path = dense_cache_path(recipe)
     if dense["cache"] and path.exists():
@@ -310,11 +365,7 @@ def _compensator(recipe: Recipe, train: tuple[jax.Array, jax.Array] | None) -> A
 
 def _network(recipe: Recipe) -> Any:
     """The recipe's nnx model (its layer shapes and call order, for calibration inputs)."""
-    from flax import nnx
-
-    from admmprune.models import MODELS
-
-    return MODELS[recipe.problem["model"]](nnx.Rngs(recipe.problem["seed"]))
+    return recipe.network()
 
 
 def validate(recipe: Recipe) -> None:
@@ -352,6 +403,60 @@ def validate(recipe: Recipe) -> None:
         make_solver(recipe, steps_per_epoch=1)
     except ValueError as e:
         raise RecipeError(f"[solver]: {e}") from None
+
+
+def check_recipe(recipe: Recipe) -> dict[str, Any]:
+    """Everything ``solve`` would check, without training: the settings and budget
+    (:func:`validate`), the data (loaded, shapes and values checked), the model on one
+    example, the starting params. Returns a summary for ``admmprune validate``.
+
+    Raises:
+        RecipeError, BudgetError, DataError, CheckpointError, InputError: what is wrong.
+    """
+    from admmprune.data import DataError
+    from admmprune.guards import check_data, check_params
+
+    validate(recipe)
+    train, test = load_data(recipe)
+    check_batch_sizes(recipe, int(train[0].shape[0]))
+    check_data(train, "training data")
+    check_data(test, "test data")
+    if recipe.problem["params"]:
+        params, apply, _ = dense_params(recipe, train)
+        check_params(params, f"problem.params {recipe.problem['params']}")
+    else:
+        params, apply = init_model(recipe.problem["model"], seed=recipe.problem["seed"])
+    try:
+        logits = jax.eval_shape(apply, params, train[0][:1])
+    except Exception as e:  # the model cannot take the data: say which shapes met
+        raise DataError(
+            f"the model cannot take inputs shaped {tuple(train[0].shape[1:])} "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); check problem.input_shape "
+            "and the data."
+        ) from None
+    classes = int(logits.shape[-1]) if logits.ndim == 2 else 0
+    top = int(max(int(train[1].max()), int(test[1].max())))
+    if logits.ndim != 2 or top >= classes:
+        raise DataError(
+            f"the model maps one example to shape {tuple(logits.shape)}, but the labels run to "
+            f"{top}: it must output (batch, classes) logits with classes > {top}."
+        )
+    budget = recipe.budget_object()
+    flags = budget.prunable(params)
+    leaves = jax.tree.leaves(params)
+    return {
+        "problem": recipe.name,
+        "model": recipe.problem["model"],
+        "parameters": int(sum(np.size(a) for a in leaves)),
+        "prunable_weights": int(sum(np.size(a) for a, f in zip(leaves, flags, strict=True) if f)),
+        "train_examples": int(train[0].shape[0]),
+        "test_examples": int(test[0].shape[0]),
+        "input_shape": list(train[0].shape[1:]),
+        "classes": classes,
+        "method": recipe.method,
+        "budget": budget.describe(),
+        "start": "given params" if recipe.problem["params"] else "dense training",
+    }
 
 
 def check_batch_sizes(recipe: Recipe, train_examples: int) -> None:
@@ -554,7 +659,6 @@ def export_compact(
     """
     from admmprune.compact import compact, compare_latency, save_compact
     from admmprune.groups import derive, kept_counts
-    from admmprune.models import INPUT_SHAPES
     from admmprune.nnx import split_nnx
     from admmprune.structured import StructuredBudget
 
@@ -563,8 +667,8 @@ def export_compact(
     model = _network(recipe)
     masks = jax.tree.map(lambda x: x != 0, result.params)
     small, small_params = compact(model, result.params, masks, budget.structure)
-    compact_macs = derive(small, INPUT_SHAPES[recipe.problem["model"]]).dense_macs
-    shape = input_shape or INPUT_SHAPES[recipe.problem["model"]]  # what the data feeds it
+    compact_macs = derive(small, recipe.input_shape).dense_macs
+    shape = input_shape or recipe.input_shape  # what the data feeds it
     _, dense_apply = split_nnx(model, train=False)
     _, small_apply = split_nnx(small, train=False)
     timing = compare_latency((dense_apply, dense), (small_apply, small_params), shape)

@@ -68,3 +68,24 @@ def test_write_results_writes_both_files_and_prints_unless_quiet(tmp_path, capsy
     write_results(tmp_path, results | {"runs": [1]}, table, quiet=False)
     assert "| runs | 1 |" in capsys.readouterr().out
     assert (tmp_path / "results.md").read_text() == "| runs | 1 |\n"
+
+
+def test_a_benchmark_resumes_only_its_own_readable_checkpoint(tmp_path):
+    import jax.numpy as jnp
+
+    from admmprune.bench.tables import resumable
+    from admmprune.checkpoint import RunCheckpoint
+    from admmprune.recipes import parse_recipe
+
+    def recipe(keep):
+        raw = {"problem": {"model": "lenet300"}, "budget": {"keep": keep}}
+        return parse_recipe(raw, name="r")
+
+    assert not resumable(recipe(0.1), tmp_path)  # no checkpoint
+    RunCheckpoint(tmp_path / "checkpoint.npz", recipe(0.1).fingerprint()).slot("dense").save(
+        {"w": jnp.ones(2)}, {"epoch": 1, "history": []}
+    )
+    assert resumable(recipe(0.1), tmp_path)
+    assert not resumable(recipe(0.2), tmp_path)  # another recipe's: run afresh
+    (tmp_path / "checkpoint.npz").write_bytes(b"garbage")
+    assert not resumable(recipe(0.1), tmp_path)

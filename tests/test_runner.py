@@ -6,6 +6,7 @@ import json
 
 import jax
 import numpy as np
+import pytest
 
 from admmprune.checkpoint import load_params
 from admmprune.compact import load_compact
@@ -187,3 +188,121 @@ def test_sigterm_ends_with_one_line_saying_how_to_resume(tmp_path) -> None:
     assert code == 130
     assert "Traceback" not in err and err.count("\n") == 1
     assert "terminated (SIGTERM)" in err and "--resume" in err
+
+
+# ------------------------------------------------------------ a user's model and data loader
+USER_NET = """
+from flax import nnx
+import jax
+
+
+class Tiny(nnx.Module):
+    def __init__(self, rngs):
+        self.fc1 = nnx.Linear(8, 16, rngs=rngs)
+        self.fc2 = nnx.Linear(16, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.fc2(jax.nn.relu(self.fc1(x.reshape(x.shape[0], -1))))
+"""
+USER_DATA = """
+import numpy as np
+
+
+def load():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((600, 8)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int32) + (x[:, 1] > 1).astype(np.int32)
+    return (x[:512], y[:512]), (x[512:], y[512:])
+
+
+def wrong_shape():
+    (x, y), test = load()
+    return (x[:, :5], y), test
+"""
+USER_RECIPE = """
+[problem]
+model = "user_nets_{tag}:Tiny"
+data = "user_data_{tag}:{loader}"
+input_shape = [8]
+{extra}
+
+[dense]
+epochs = 15
+learning_rate = 1e-2
+
+[budget]
+keep = 0.25
+
+[solver]
+iterations = 2
+retrain_epochs = 1
+batch_size = 64
+"""
+
+
+def _user_package(tmp_path, monkeypatch, tag: str, net: str = USER_NET) -> None:
+    (tmp_path / f"user_nets_{tag}.py").write_text(net)
+    (tmp_path / f"user_data_{tag}.py").write_text(USER_DATA)
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
+def test_a_user_model_and_loader_run_from_a_recipe(tmp_path, monkeypatch) -> None:
+    from admmprune import cli
+    from admmprune.checkpoint import save_params
+    from admmprune.recipes import load_recipe
+
+    monkeypatch.setenv("ADMMPRUNE_DATA_DIR", str(tmp_path / "cache"))
+    _user_package(tmp_path, monkeypatch, "a")
+    path = tmp_path / "user.toml"
+    path.write_text(USER_RECIPE.format(tag="a", loader="load", extra=""))
+    assert cli.main(["validate", str(path)]) == 0
+    report = solve(load_recipe(path), tmp_path / "run", plots=False)
+    assert report["model"] == "user_nets_a:Tiny" and report["kept_fraction"] == 0.25
+    assert report["test_accuracy"] > 0.7 and report["dense_cached"] is False
+    cached = load_recipe(path)
+    assert solve(cached, tmp_path / "again", plots=False)["dense_cached"] is True
+
+    # Another model under the same name (its source changed) never reuses that network.
+    keys = cached.dense_key(), cached.fingerprint()
+    (tmp_path / "user_nets_a.py").write_text(USER_NET.replace("16", "24"))
+    assert load_recipe(path).dense_key() != keys[0]
+    assert load_recipe(path).fingerprint() != keys[1]
+
+    # Start from the user's own trained params: no dense training.
+    (tmp_path / "user_nets_a.py").write_text(USER_NET)
+    like, _ = init_model("user_nets_a:Tiny")
+    trained = load_params(tmp_path / "run" / "params.npz", like)
+    save_params(tmp_path / "mine.npz", trained)
+    given = tmp_path / "given.toml"
+    given.write_text(
+        USER_RECIPE.format(tag="a", loader="load", extra=f'params = "{tmp_path / "mine.npz"}"')
+    )
+    report = solve(load_recipe(given), tmp_path / "given", plots=False)
+    assert not [r for r in report["history"] if r["phase"] == "dense"]
+    assert report["dense_test_accuracy"] == pytest.approx(
+        json.loads((tmp_path / "run" / "report.json").read_text())["test_accuracy"]
+    )
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (("user_nets_b:Tiny", "user_nets_b:Nope"), "cannot import 'user_nets_b:Nope'"),
+        (("input_shape = [8]", ""), "needs the shape of one input example"),
+        (("user_data_b:load", "user_data_b:wrong_shape"), "have shape (512, 5)"),
+        (("input_shape = [8]", "input_shape = [9]"), "cannot take one input of shape (9,)"),
+        (("user_nets_b:Tiny", "no_such_pkg:Net"), "No module named 'no_such_pkg'"),
+    ],
+)
+def test_a_user_model_or_loader_that_does_not_fit_is_bad_input(
+    tmp_path, monkeypatch, capsys, change, words
+) -> None:
+    from admmprune import cli
+
+    monkeypatch.setenv("ADMMPRUNE_DATA_DIR", str(tmp_path / "cache"))
+    _user_package(tmp_path, monkeypatch, "b")
+    path = tmp_path / "user.toml"
+    path.write_text(USER_RECIPE.format(tag="b", loader="load", extra="").replace(*change))
+    assert cli.main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err

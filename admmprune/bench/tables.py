@@ -43,7 +43,8 @@ def solve_or_reuse(
     budgets) picks up its finished runs instead of repeating them (a report
     older than some recipe key matches where the recipe has that key's
     default: :meth:`Recipe.matches`); a report from any other recipe is
-    overwritten by a fresh run.
+    overwritten by a fresh run. A run stopped part way resumes from its
+    checkpoint when this recipe wrote it; another recipe's is discarded.
     """
     from admmprune.progress import Progress, total_epochs
     from admmprune.runner import solve
@@ -53,11 +54,29 @@ def solve_or_reuse(
         if not quiet:
             print(f"{label}: reusing {out / 'report.json'}", flush=True)
         return report
+    resume = resumable(recipe, out)
+    if resume and not quiet:
+        print(f"{label}: resuming {out / 'checkpoint.npz'}", flush=True)
     progress = Progress(total_epochs(recipe), label, enabled=not quiet)
     try:
-        return solve(recipe, out, callback=progress, plots=plots)
+        return solve(
+            recipe, out, callback=progress, plots=plots, resume=resume, overwrite=not resume
+        )
     finally:
         progress.close()
+
+
+def resumable(recipe: Recipe, out: Path) -> bool:
+    """Whether ``out/checkpoint.npz`` is a readable checkpoint of this recipe's run."""
+    from admmprune.checkpoint import CheckpointError, read_meta
+
+    path = out / "checkpoint.npz"
+    if not path.exists():
+        return False
+    try:
+        return read_meta(path).get("fingerprint") == recipe.fingerprint()
+    except CheckpointError:
+        return False
 
 
 def results_header(command: str, quick: bool, started: float) -> dict[str, Any]:
