@@ -156,6 +156,31 @@ def check_budget(budget: Any, owner: str) -> None:
     )
 
 
+def check_model_params(model: Any, params: PyTree, owner: str) -> None:
+    """The params are the nnx ``model``'s: the same leaf names and shapes.
+
+    Raises:
+        InputError: naming the leaves missing, extra or misshapen, and the fix.
+    """
+    from admmprune.nnx import split_nnx
+
+    want = dict(_named(split_nnx(model)[0]))
+    got = dict(_named(params))
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    if missing or extra:
+        raise InputError(
+            f"{owner}: the params are not the model's: missing {missing[:4]}, extra "
+            f"{extra[:4]}; pass the params of this model (admmprune.nnx.split_nnx(model)[0], "
+            "trained)."
+        )
+    for name, leaf in want.items():
+        if np.shape(got[name]) != np.shape(leaf):
+            raise InputError(
+                f"{owner}: params leaf {name!r} has shape {np.shape(got[name])}, the model's "
+                f"{np.shape(leaf)}; pass the params of this model."
+            )
+
+
 def check_inputs(params: PyTree, data: PyTree, budget: Any = None, owner: str = "") -> None:
     """What every solver's ``run`` checks first: the params, the data and the budget."""
     check_params(params)
@@ -245,6 +270,7 @@ __all__ = [
     "check_factor",
     "check_inputs",
     "check_masks",
+    "check_model_params",
     "check_params",
     "check_result",
     "start_loss",

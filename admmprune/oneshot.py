@@ -39,7 +39,7 @@ from admmprune import obs
 from admmprune._tree import PyTree, leaf_names
 from admmprune.budgets import Budget, BudgetError, LayerAllocation, in_budget
 from admmprune.finetune import Finetune
-from admmprune.guards import check_inputs
+from admmprune.guards import check_inputs, check_model_params, check_params
 from admmprune.results import PruneResult, finish
 from admmprune.training import Callback, EvalFn, LossFn
 
@@ -150,6 +150,8 @@ def obs_allocation(
     )
 
     def allocate_counts(params: PyTree) -> LayerAllocation:
+        check_params(params)
+        check_model_params(model, params, "obs_allocation")
         counts = pruner.counts(params, x)
         return LayerAllocation(budget, tuple(sorted((n, int(k)) for n, k in counts.items())))
 
@@ -292,6 +294,7 @@ class OneShotPrune:
         """Prunes ``params`` in one shot (then retrains with the mask fixed, if asked)."""
         start = time.perf_counter()
         check_inputs(params, data, self.budget, "OneShotPrune")
+        check_model_params(self.model, params, "OneShotPrune")
         x, y = data
         n = int(x.shape[0])
         pick = jax.random.permutation(key, n)[: min(self.calibration_examples, n)]

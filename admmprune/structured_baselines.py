@@ -28,7 +28,7 @@ import optax
 
 from admmprune._tree import PyTree, apply_masks, named_leaves
 from admmprune.finetune import Finetune
-from admmprune.guards import check_inputs
+from admmprune.guards import check_inputs, check_model_params
 from admmprune.results import PruneResult, finish
 from admmprune.structured import StructuredBudget
 from admmprune.training import Callback, EvalFn, LossFn, check_batch_size, train
@@ -312,6 +312,7 @@ class StructuredOBS:
 
         start = time.perf_counter()
         check_inputs(params, data, self.budget, "StructuredOBS")
+        check_model_params(self.model, params, "StructuredOBS")
         x = data[0]
         key, sub = jax.random.split(key)
         pick = jax.random.permutation(sub, int(x.shape[0]))[: self.calibration_examples]

@@ -183,3 +183,39 @@ def test_a_non_finite_result_is_a_failure_not_a_result():
             start=0.0,
             epochs=0,
         )
+
+
+def test_a_model_whose_layers_are_not_the_params_is_named():
+    from flax import nnx
+
+    from admmprune.guards import check_model_params
+    from admmprune.models import LeNet5
+
+    model = LeNet300(nnx.Rngs(0))
+    params, _ = init_model("lenet300")
+    check_model_params(model, params, "OneShotPrune")
+    other, _ = init_model("lenet5")
+    with pytest.raises(InputError, match=r"OneShotPrune: the params are not the model's"):
+        check_model_params(model, other, "OneShotPrune")
+    wide = jax.tree.map(lambda a: a, params)
+    wide["fc3"]["bias"] = jnp.zeros(11)
+    with pytest.raises(InputError, match=r"'fc3/bias' has shape \(11,\), the model's \(10,\)"):
+        check_model_params(model, wide, "x")
+    x = jnp.zeros((8, 28, 28, 1))
+    pruner = OneShotPrune(ParamBudget(keep=0.1), model=LeNet5(nnx.Rngs(0)), method="magnitude")
+    with pytest.raises(InputError, match="not the model's"):
+        pruner.run(
+            params,
+            cross_entropy_loss(init_model("lenet300")[1]),
+            (x, jnp.zeros(8, int)),
+            key=jax.random.key(0),
+        )
+
+
+def test_layer_shapes_with_the_wrong_input_shape_says_so():
+    from flax import nnx
+
+    from admmprune import layer_shapes
+
+    with pytest.raises(ValueError, match=r"cannot take one input of shape \(27, 28, 1\)"):
+        layer_shapes(LeNet300(nnx.Rngs(0)), (27, 28, 1))
