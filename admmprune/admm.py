@@ -195,6 +195,11 @@ class ADMM:
             W-step loss exceeds this multiple of the larger of the starting
             network's loss and its projection's (None or 0: only a non-finite
             loss stops it).
+        mesh: run the W-step and the retraining data-parallel over this
+            ``jax.sharding.Mesh`` (its first axis splits every minibatch;
+            params, Z and U are replicated and the Z-step projects the
+            replicated copy): the same result as on one device up to float
+            summation order. ``batch_size`` must be a multiple of its size.
 
     Example:
         >>> ADMM(ParamBudget(keep=0.02), optax.adam(1e-3), rho=GeometricRho(1e-4, 1.15),
@@ -212,10 +217,16 @@ class ADMM:
     finetune: Finetune = Finetune(epochs=5)
     batch_size: int = 128
     divergence_factor: float | None = DIVERGENCE_FACTOR
+    mesh: jax.sharding.Mesh | None = None
 
     def __post_init__(self) -> None:
         check_budget(self.budget, "ADMM")
         check_factor(self.divergence_factor, "ADMM")
+        if self.mesh is not None and self.batch_size % self.mesh.devices.size:
+            raise ValueError(
+                f"batch_size={self.batch_size} does not split over the mesh's "
+                f"{self.mesh.devices.size} devices; use a multiple of {self.mesh.devices.size}."
+            )
         if not callable(self.rho):
             GeometricRho(self.rho)  # validates a constant rho
         for name in ("iterations", "epochs_per_iteration"):
@@ -313,6 +324,7 @@ class ADMM:
                 grad_term=penalty,
                 term_args=(state.z, state.u, rho, state.metric),
                 phase="admm",
+                mesh=self.mesh,
             )
             losses.append(stats.loss)
             seconds += stats.seconds
@@ -464,6 +476,7 @@ class ADMM:
             eval_fn=eval_fn,
             callback=callback,
             checkpoint=checkpoint.slot("retrain") if checkpoint is not None else None,
+            mesh=self.mesh,
         )
         check_result(pruned, "ADMM")
         history.extend(tail)

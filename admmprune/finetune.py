@@ -74,6 +74,7 @@ class Finetune:
         eval_fn: EvalFn | None = None,
         callback: Callback | None = None,
         checkpoint: Slot | None = None,
+        mesh: Any = None,
     ) -> tuple[PyTree, list[dict[str, Any]]]:
         """Prunes ``params`` to ``masks`` and retrains them with the mask fixed.
 
@@ -85,6 +86,7 @@ class Finetune:
             optimizer: the solver's optimizer, used when this stage has none.
             checkpoint: the retraining's :class:`~admmprune.checkpoint.Slot`
                 (saved every epoch, resumed from when it holds a state).
+            mesh: a ``jax.sharding.Mesh`` to retrain data-parallel over.
 
         Returns:
             The pruned, retrained params and the history: the prune record,
@@ -117,6 +119,7 @@ class Finetune:
             phase="retrain",
             divergence_factor=self.divergence_factor,
             checkpoint=checkpoint,
+            mesh=mesh,
         )
         return pruned, history + retrain
 

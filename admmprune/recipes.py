@@ -191,6 +191,8 @@ SCHEMA: dict[str, dict[str, _Key]] = {
         "tol": _k(_NUMBER, 0.0, minimum=0, methods=("admm",)),  # 0 = run all iterations
         "metric": _k(str, "euclidean", choices=tuple(METRICS), methods=("admm",)),
         "decay_iterations": _k(int, 0, minimum=0, methods=("admm",)),
+        # the W-step and retraining data-parallel over this many devices (0: one, -1: all)
+        "devices": _k(int, 0, minimum=-1, methods=("admm",)),
         "retrain_epochs": _k(
             int,
             20,

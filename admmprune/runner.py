@@ -288,6 +288,7 @@ def make_solver(
             ),
             batch_size=s["batch_size"],
             divergence_factor=factor,
+            mesh=data_mesh(s["devices"]),
         )
     if recipe.method in ("l1_filter", "slimming", "structured_obs"):
         from admmprune.structured import StructuredBudget
@@ -333,6 +334,21 @@ def make_solver(
         epochs_per_round=s["epochs_per_round"],
         batch_size=s["batch_size"],
     )
+
+
+def data_mesh(devices: int) -> jax.sharding.Mesh | None:
+    """A one-axis ``("batch",)`` mesh over the first ``devices`` devices (-1: all; 0 or 1:
+    None, one device). Many hosts: ``jax.distributed.initialize()`` first on each."""
+    available = jax.devices()
+    n = len(available) if devices == -1 else devices
+    if n <= 1:
+        return None
+    if n > len(available):
+        raise ValueError(
+            f"devices={n}, but JAX sees {len(available)} ({available[0].platform}); use at most "
+            f"{len(available)}, or -1 for all."
+        )
+    return jax.sharding.Mesh(np.array(available[:n]), ("batch",))
 
 
 def allocator(recipe: Recipe, budget: Budget, train: tuple[jax.Array, jax.Array]) -> Any:

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from admmprune._tree import PyTree, apply_masks
 from admmprune.guards import (
@@ -101,8 +103,15 @@ def _scan_steps(
     loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
     grad_term: GradTerm | None,
+    batch_sharding: Any = None,
 ) -> tuple[PyTree, Any, jax.Array]:
-    """One optimizer step per row of ``batches`` (example indices), in a ``lax.scan``."""
+    """One optimizer step per row of ``batches`` (example indices), in a ``lax.scan``.
+
+    With ``batch_sharding`` (a ``NamedSharding`` splitting the example axis),
+    every minibatch is laid out across the mesh: each device computes the loss
+    and gradient of its slice, and XLA's SPMD partitioner sums them (data
+    parallelism); params and optimizer state stay replicated.
+    """
 
     def touch_grads(grads: PyTree, params: PyTree) -> PyTree:
         if grad_term is not None:
@@ -119,6 +128,8 @@ def _scan_steps(
     def step(carry: tuple[PyTree, Any], idx: jax.Array) -> tuple[tuple[PyTree, Any], jax.Array]:
         params, opt_state = carry
         batch = jax.tree.map(lambda a: a[idx], data)
+        if batch_sharding is not None:
+            batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
         loss, grads = jax.value_and_grad(loss_fn)(params, batch)
         grads = touch_grads(grads, params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -139,7 +150,9 @@ def shuffled_batches(data: PyTree, key: jax.Array, batch_size: int) -> jax.Array
     return jax.random.permutation(key, n)[: steps * batch_size].reshape(steps, batch_size)
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "optimizer", "batch_size", "grad_term"))
+@functools.partial(
+    jax.jit, static_argnames=("loss_fn", "optimizer", "batch_size", "grad_term", "batch_sharding")
+)
 def _epoch(
     params: PyTree,
     opt_state: Any,
@@ -152,6 +165,7 @@ def _epoch(
     optimizer: optax.GradientTransformation,
     batch_size: int,
     grad_term: GradTerm | None,
+    batch_sharding: Any = None,
 ) -> tuple[PyTree, Any, jax.Array]:
     perm = shuffled_batches(data, key, batch_size)
     params, opt_state, losses = _scan_steps(
@@ -164,6 +178,7 @@ def _epoch(
         loss_fn=loss_fn,
         optimizer=optimizer,
         grad_term=grad_term,
+        batch_sharding=batch_sharding,
     )
     return params, opt_state, jnp.mean(losses)
 
@@ -203,6 +218,39 @@ def run_steps(
     )
 
 
+def place_on_mesh(
+    mesh: Mesh, data: PyTree, replicated: PyTree, batch_size: int
+) -> tuple[PyTree, PyTree, NamedSharding]:
+    """Lays a data-parallel epoch out on ``mesh`` (its first axis splits examples).
+
+    The epoch runs under XLA's automatic SPMD partitioning (a mesh with explicit
+    axes, as ``jax.make_mesh`` builds, is used with automatic ones). The training
+    data is sharded along its example axis when the example count
+    divides evenly (else replicated), ``replicated`` (params, optimizer state,
+    ADMM's Z and U, masks) is copied to every device, and the returned
+    sharding splits each minibatch across the devices. Arrays already laid out
+    so are not copied again. For many hosts, call ``jax.distributed.initialize()``
+    on each first and build the mesh over ``jax.devices()``.
+
+    Raises:
+        ValueError: ``batch_size`` is not a multiple of the mesh's first axis.
+    """
+    if any(t != AxisType.Auto for t in mesh.axis_types):  # e.g. jax.make_mesh's Explicit
+        mesh = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * mesh.devices.ndim)
+    axis = mesh.axis_names[0]
+    size = int(mesh.shape[axis])
+    if batch_size % size:
+        raise ValueError(
+            f"batch_size={batch_size} does not split over the {size} devices of the mesh; use "
+            f"a multiple of {size}."
+        )
+    n = num_examples(data)
+    split = NamedSharding(mesh, P(axis)) if n % size == 0 else NamedSharding(mesh, P())
+    data = jax.device_put(data, split)
+    replicated = jax.device_put(replicated, NamedSharding(mesh, P()))
+    return data, replicated, NamedSharding(mesh, P(axis))
+
+
 def run_epoch(
     params: PyTree,
     opt_state: Any,
@@ -216,6 +264,7 @@ def run_epoch(
     grad_term: GradTerm | None = None,
     term_args: Any = None,
     phase: str = "training",
+    mesh: Mesh | None = None,
 ) -> tuple[PyTree, Any, EpochStats]:
     """One pass over ``data`` in shuffled minibatches (the last partial batch dropped).
 
@@ -233,11 +282,18 @@ def run_epoch(
             applied to every step's gradient (e.g. ADMM's penalty).
         term_args: the arrays ``grad_term`` reads (traced, not static).
         phase: named in the error when the loss goes non-finite.
+        mesh: a ``jax.sharding.Mesh`` to run data-parallel over (see
+            :func:`place_on_mesh`); None: one device.
 
     Returns:
         The new params and optimizer state, and the epoch's mean loss.
     """
     steps = check_batch_size(data, batch_size)
+    batch_sharding = None
+    if mesh is not None:
+        data, (params, opt_state, masks, term_args), batch_sharding = place_on_mesh(
+            mesh, data, (params, opt_state, masks, term_args), batch_size
+        )
     start = time.perf_counter()
     params, opt_state, loss = _epoch(
         params,
@@ -250,6 +306,7 @@ def run_epoch(
         optimizer=optimizer,
         batch_size=batch_size,
         grad_term=grad_term,
+        batch_sharding=batch_sharding,
     )
     loss = float(loss)  # waits for the epoch to finish
     seconds = time.perf_counter() - start
@@ -276,6 +333,7 @@ def train(
     phase: str = "train",
     divergence_factor: float | None = DIVERGENCE_FACTOR,
     checkpoint: Slot | None = None,
+    mesh: Mesh | None = None,
 ) -> tuple[PyTree, list[dict[str, Any]]]:
     """Trains ``params`` for ``epochs`` epochs; masked if ``masks`` is given.
 
@@ -291,6 +349,8 @@ def train(
         checkpoint: a :class:`~admmprune.checkpoint.Slot`: the params, optimizer
             state, key and history are saved after every epoch, and a run that
             finds a saved state continues from it, bit for bit as if never stopped.
+        mesh: train data-parallel over this ``jax.sharding.Mesh``
+            (:func:`place_on_mesh`).
 
     Returns:
         The trained params and one history record per epoch
@@ -335,6 +395,7 @@ def train(
             batch_size=batch_size,
             masks=masks,
             phase=phase,
+            mesh=mesh,
         )
         watch(stats.loss, f"epoch {epoch + 1}")
         record: dict[str, Any] = {

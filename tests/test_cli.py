@@ -154,6 +154,7 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, capsys
         (("[solver]", "[solver]\nfoo = 1"), "solver.foo: unknown key"),
         (("iterations = 2", 'iterations = "two"'), "solver.iterations: expected an integer"),
         (("iterations = 2", "iterations = 2\nrounds = 3"), "solver.rounds: not a setting of"),
+        (("iterations = 2", "iterations = 2\ndevices = 64"), "devices=64, but JAX sees 1"),
         (("keep = 0.05", "count = 300000"), "count=300000 exceeds the 266200 prunable weights"),
         (("keep = 0.05", "keep = 1.5"), "budget.keep: must be in [0, 1]"),
         (('model = "lenet300"', 'model = "vgg"'), "problem.model: 'vgg' is not one of"),
