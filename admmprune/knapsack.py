@@ -27,6 +27,10 @@ the smallest distance any feasible Z achieves.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import jax
@@ -243,6 +247,27 @@ def greedy_knapsack(
     return mask, stats
 
 
+@contextlib.contextmanager
+def quiet_native_stdout() -> Iterator[None]:
+    """Silences what native code writes to the process's stdout (HiGHS prints its
+    banner there from C++, past ``sys.stdout``, whatever cvxpy's ``verbose`` says),
+    so a command's own output (``--json``) stays clean."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no file descriptor 1 (an embedded interpreter): nothing to silence
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def exact_knapsack(
     values: np.ndarray,
     costs: np.ndarray,
@@ -272,7 +297,8 @@ def exact_knapsack(
         return np.zeros(v.shape, bool), KnapsackStats(total, total, 0.0, float(capacity), 0)
     x = cp.Variable(v.size, boolean=True)
     prob = cp.Problem(cp.Maximize(v @ x), [c @ x <= capacity])
-    prob.solve(solver=cp.HIGHS, time_limit=float(time_limit), mip_rel_gap=0.0)
+    with quiet_native_stdout():
+        prob.solve(solver=cp.HIGHS, time_limit=float(time_limit), mip_rel_gap=0.0)
     if prob.status != cp.OPTIMAL or x.value is None:
         raise RuntimeError(
             f"HiGHS did not prove the knapsack optimal within {time_limit} s "

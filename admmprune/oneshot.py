@@ -40,6 +40,7 @@ from admmprune._tree import PyTree, leaf_names
 from admmprune.budgets import Budget, BudgetError, LayerAllocation, in_budget
 from admmprune.finetune import Finetune
 from admmprune.guards import check_inputs, check_model_params, check_params
+from admmprune.knapsack import quiet_native_stdout
 from admmprune.results import PruneResult, finish
 from admmprune.training import Callback, EvalFn, LossFn
 
@@ -77,7 +78,8 @@ def allocate(
     constraints = [cp.sum(x) == 1 for x in choose]
     constraints.append(sum(x @ c for x, c in zip(choose, costs, strict=True)) <= capacity)
     problem = cp.Problem(cp.Minimize(objective), constraints)
-    problem.solve(solver=cp.HIGHS)
+    with quiet_native_stdout():
+        problem.solve(solver=cp.HIGHS)
     if problem.status not in ("optimal", "optimal_inaccurate"):
         raise RuntimeError(f"the allocation MILP ended {problem.status}.")
     at = [int(np.argmax(x.value)) for x in choose]

@@ -776,8 +776,13 @@ def save_plots(report: dict[str, Any], out: Path) -> list[str]:
     written = []
     layers = report["per_layer"]
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    ax.bar([x["name"] for x in layers], [100 * x["kept_fraction"] for x in layers])
-    ax.set_ylabel("kept (%)")
+    kept = [100 * x["kept_fraction"] for x in layers]
+    bars = ax.bar([x["name"] for x in layers], kept)
+    # A log scale, so a 1.5% layer beside a 70% one is still seen; every bar labelled.
+    ax.set_yscale("log")
+    ax.set_ylim(max(min([k for k in kept if k > 0] or [1.0]) / 3, 1e-3), 300)
+    ax.bar_label(bars, labels=[f"{k:.3g}%" for k in kept], fontsize=7, padding=2)
+    ax.set_ylabel("kept (%, log scale)")
     ax.set_title(f"{report['problem']}: {100 * report['kept_fraction']:.2f}% kept overall")
     ax.tick_params(axis="x", labelrotation=30)
     fig.tight_layout()

@@ -245,3 +245,19 @@ def test_blind_tuning_steps_toward_the_budget():
     assert next_count(a, limit=12.0, floor=4.0) == 550
     a = [{"count": 501, "energy": 13.0}, {"count": 500, "energy": 11.0}]
     assert next_count(a, limit=12.0, floor=4.0) == 499
+
+
+def test_the_exact_knapsack_prints_nothing_to_stdout():
+    """HiGHS writes a banner to the process's stdout from C++; it must not reach a
+    command's output (``--json``). A fresh process: the banner comes once per process."""
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np; from admmprune.knapsack import exact_knapsack; "
+        "m, _ = exact_knapsack(np.array([3.0, 2.0, 1.0]), np.array([1.0, 1.0, 1.0]), 2.0); "
+        "print('mask', m.astype(int).tolist())"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "mask [1, 1, 0]\n"
