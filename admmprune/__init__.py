@@ -15,6 +15,7 @@ ADMM splitting, then hard-prunes and retrains with the mask fixed.
 ADMM's hard prune the same compensation.
 """
 
+from admmprune import nnx  # admmprune.nnx.split_nnx(model) after a plain `import admmprune`
 from admmprune._tree import apply_masks, default_prunable, leaf_names
 from admmprune.admm import ADMM, AdmmState, BudgetRamp, GeometricRho
 from admmprune.baselines import IterativeMagnitudePrune, MagnitudePrune, ProjectedSGD
@@ -90,6 +91,7 @@ __all__ = [
     "leaf_names",
     "load_checkpoint",
     "load_params",
+    "nnx",
     "obs_allocation",
     "project",
     "save_checkpoint",

@@ -171,6 +171,9 @@ class ADMM:
         rho: the penalty: a positive float (constant) or a schedule
             ``iteration -> rho`` (e.g. :class:`GeometricRho`, or an optax
             schedule); when rho changes the scaled dual is rescaled.
+            Default ``GeometricRho(1e-4, 1.15)``: with ``iterations=60`` and
+            ``Finetune(epochs=20)``, the method as the recipes and benchmarks
+            run it.
         iterations: maximum number of ADMM iterations.
         epochs_per_iteration: W-step epochs per iteration.
         tol: stop early when both relative residuals ``||W - Z|| / ||W||``
@@ -208,13 +211,13 @@ class ADMM:
 
     budget: Budget
     optimizer: optax.GradientTransformation
-    rho: float | Schedule = 1e-3
-    iterations: int = 10
+    rho: float | Schedule = GeometricRho(1e-4, 1.15)
+    iterations: int = 60
     epochs_per_iteration: int = 1
     tol: float | None = None
     metric: Metric = Euclidean()
     budget_ramp: Schedule | None = None
-    finetune: Finetune = Finetune(epochs=5)
+    finetune: Finetune = Finetune(epochs=20)
     batch_size: int = 128
     divergence_factor: float | None = DIVERGENCE_FACTOR
     mesh: jax.sharding.Mesh | None = None

@@ -229,6 +229,7 @@ def _mlp_loss(p, batch):
         ADMM(
             ParamBudget(keep=0.1, allocation="uniform"),
             optax.adam(1e-2),
+            rho=1e-3,  # the constant penalty these figures were set with
             iterations=2,
             finetune=Finetune(epochs=1),
             batch_size=64,

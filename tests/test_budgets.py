@@ -240,7 +240,9 @@ def test_a_budget_defined_outside_the_library_runs_through_every_solver():
     opt = optax.adam(1e-2)
     finetune = admmprune.Finetune(epochs=1)
     solvers = {
-        "admm": admmprune.ADMM(budget, opt, iterations=2, finetune=finetune, batch_size=64),
+        "admm": admmprune.ADMM(
+            budget, opt, rho=1e-3, iterations=2, finetune=finetune, batch_size=64
+        ),
         "magnitude": admmprune.MagnitudePrune(budget, opt, finetune=finetune, batch_size=64),
         "projected_sgd": admmprune.ProjectedSGD(
             budget, opt, projected_epochs=2, finetune=finetune, batch_size=64

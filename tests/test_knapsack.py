@@ -219,7 +219,7 @@ def test_projected_sgd_and_energy_admm_meet_the_budget():
     assert res.epochs == 4 and model.energy(res.params) <= budget.target()
     admm = ap.ADMM(
         budget, optax.adam(1e-2), iterations=3, finetune=ap.Finetune(epochs=1), batch_size=64,
-        metric=ap.Fisher(),
+        metric=ap.Fisher(), rho=1e-3,
     )  # fmt: skip
     res = admm.run(params, loss_fn, data, key=jax.random.key(0))
     assert model.energy(res.params) <= budget.target()

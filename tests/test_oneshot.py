@@ -198,6 +198,7 @@ def test_compensated_hard_prune_fits_the_unpruned_outputs_better(trained):
     assert gap(fixed) < gap(zeroed)
     # ...and ADMM with the OBS hard prune records both accuracies.
     solver = ADMM(
+        rho=1e-3,  # the constant penalty these figures were set with
         budget=ParamBudget(keep=0.2),
         optimizer=optax.adam(1e-3),
         iterations=2,
