@@ -412,6 +412,9 @@ def test_resume_needs_a_checkpoint_and_out_must_be_a_directory(tmp_path, capsys)
     recipe = str(_recipe(tmp_path))
     assert cli.main(["solve", recipe, "--out", str(tmp_path / "new"), "--resume"]) == 2
     assert "holds no checkpoint.npz to resume; drop --resume" in capsys.readouterr().err
+    both = ["solve", recipe, "--out", str(tmp_path / "new"), "--resume", "--overwrite"]
+    assert cli.main(both) == 2
+    assert "pick one" in capsys.readouterr().err
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
     assert cli.main(["solve", recipe, "--out", str(a_file)]) == 2
@@ -457,3 +460,11 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.startswith("admmprune ")
+
+
+def test_the_own_model_example_recipe_parses(monkeypatch):
+    """examples/own_model: the import paths resolve and the model builds (no data needed)."""
+    monkeypatch.syspath_prepend("examples/own_model")
+    recipe = load_recipe(Path("examples/own_model/recipe.toml"))
+    assert recipe.problem["model"] == "nets:SmallCNN" and recipe.input_shape == (28, 28, 1)
+    assert recipe.budget_object().describe()["keep"] == 0.05
