@@ -98,3 +98,54 @@ def test_bad_settings_are_named(tiny_path):
     with pytest.raises(ValueError, match="unknown pruner 'obc'"):
         prune_llama(model, calib, method="obc", sparsity=Sparsity(fraction=0.5))
     assert jnp.all(jnp.isfinite(model.blk[0].attn_q.kernel[...]))
+
+
+MESH_SCRIPT = """
+import json, sys
+import jax, numpy as np
+sys.path.insert(0, "tests")
+from admmprune.llm.gguf_io import load_llama
+from admmprune.llm.pipeline import Sparsity, prune_llama
+
+assert len(jax.devices()) == 4
+path = sys.argv[1]
+out = {}
+for name, mesh in (("one", None), ("four", jax.make_mesh((4,), ("batch",)))):
+    model, file = load_llama(path)
+    calib = np.random.default_rng(0).integers(0, file.config.vocab_size, (8, 16)).astype(np.int32)
+    records = prune_llama(
+        model, calib, method="sparsegpt", sparsity=Sparsity(fraction=0.5), batch=4, mesh=mesh
+    )
+    out[name] = {
+        "errors": [r["error"] for r in records],
+        "kernel": np.asarray(model.blk[0].ffn_down.kernel[...]).tolist(),
+    }
+from admmprune.llm.pipeline import _placed
+placed, _ = _placed(jax.make_mesh((4,), ("batch",)), calib[:4], {})
+out["shards"] = len(placed.sharding.device_set)
+json.dump(out, sys.stdout)
+"""
+
+
+def test_calibration_windows_split_over_four_devices_give_the_same_pruning(tiny_path):
+    """The Hessians from windows sharded over 4 forced host devices are the one-device ones."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    done = subprocess.run(
+        [sys.executable, "-c", MESH_SCRIPT, str(tiny_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout)
+    assert out["shards"] == 4  # the windows really were split
+    np.testing.assert_allclose(out["four"]["errors"], out["one"]["errors"], rtol=1e-4)
+    a, b = np.asarray(out["one"]["kernel"]), np.asarray(out["four"]["kernel"])
+    assert np.array_equal(a != 0, b != 0)
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)

@@ -135,31 +135,48 @@ def _block_forward(graphdef: Any, state: Any, h: jax.Array) -> jax.Array:
     return nnx.merge(graphdef, state)(h)
 
 
-def _grams(block: Block, acts: np.ndarray, tap: str, batch: int) -> tuple[np.ndarray, int]:
-    """``X^T X`` (float64) of one tap over every window of ``acts``, and the token count."""
+def _placed(mesh: Any, windows: np.ndarray, state: Any) -> tuple[jax.Array, Any]:
+    """A chunk of windows split over ``mesh`` (when it divides evenly) and the block's
+    state replicated; without a mesh, plain device arrays."""
+    if mesh is None or len(windows) % mesh.devices.size:
+        return jnp.asarray(windows), state
+    from admmprune.training import place_on_mesh
+
+    placed, state, _ = place_on_mesh(mesh, windows, state, len(windows))
+    return placed, state
+
+
+def _grams(
+    block: Block, acts: np.ndarray, tap: str, batch: int, mesh: Any = None
+) -> tuple[np.ndarray, int]:
+    """``X^T X`` (float64) of one tap over every window of ``acts``, and the token count.
+
+    With a ``mesh``, each chunk of windows is split across its devices and the
+    products summed by XLA's SPMD partitioner.
+    """
     from flax import nnx
 
     graphdef, state = nnx.split(block)
     total, count = None, 0
     with jax.enable_x64(True):
         for i in range(0, len(acts), batch):
-            x = _tap(graphdef, state, jnp.asarray(acts[i : i + batch]), tap)
+            chunk, where = _placed(mesh, acts[i : i + batch], state)
+            x = _tap(graphdef, where, chunk, tap)
             g = np.asarray(obs._gram(x))
             total = g if total is None else total + g
             count += int(x.shape[0])
     return total, count
 
 
-def _forward(block: Block, acts: np.ndarray, batch: int) -> np.ndarray:
+def _forward(block: Block, acts: np.ndarray, batch: int, mesh: Any = None) -> np.ndarray:
     from flax import nnx
 
     graphdef, state = nnx.split(block)
-    return np.concatenate(
-        [
-            np.asarray(_block_forward(graphdef, state, jnp.asarray(acts[i : i + batch])))
-            for i in range(0, len(acts), batch)
-        ]
-    )
+    out = []
+    for i in range(0, len(acts), batch):
+        chunk, where = _placed(mesh, acts[i : i + batch], state)
+        out.append(np.asarray(_block_forward(graphdef, where, chunk)))
+    return np.concatenate(out)
 
 
 def _embed(model: Llama, tokens: np.ndarray) -> np.ndarray:
@@ -178,6 +195,7 @@ def prune_llama(
     checkpoint: str | Path | None = None,
     stop_after: int | None = None,
     on_block: Callable[[int, list[dict[str, Any]]], None] | None = None,
+    mesh: Any = None,
 ) -> list[dict[str, Any]]:
     """Prunes ``model`` in place, block by block; returns one record per layer.
 
@@ -195,6 +213,10 @@ def prune_llama(
             same method, sparsity and window count is resumed from.
         stop_after: stop after this many blocks (a checkpoint marks where).
         on_block: called after each block with its index and all records.
+        mesh: a ``jax.sharding.Mesh``: the calibration (and held-out) windows
+            of every forward pass are split across its devices (``batch`` a
+            multiple of its size); the Hessians equal the one-device ones up
+            to float summation order.
 
     Records: ``block``, ``layer``, ``kept``, ``weights``, ``error`` (on the
     calibration windows), ``held_out_error``, ``seconds`` (the pruner alone).
@@ -232,11 +254,11 @@ def prune_llama(
         block = model.blk[i]
         for group in GROUPS:
             tap = _TAP_OF[group[0]]
-            gram, n = _grams(block, acts, tap, batch)
+            gram, n = _grams(block, acts, tap, batch, mesh)
             h = gram / n
             h_ho = None
             if held is not None:
-                g_ho, n_ho = _grams(block, held, tap, batch)
+                g_ho, n_ho = _grams(block, held, tap, batch, mesh)
                 h_ho = g_ho / n_ho
             for name in group:
                 layer = getattr(block, name)
@@ -262,9 +284,9 @@ def prune_llama(
                         "seconds": seconds,
                     }
                 )
-        acts = _forward(block, acts, batch)
+        acts = _forward(block, acts, batch, mesh)
         if held is not None:
-            held = _forward(block, held, batch)
+            held = _forward(block, held, batch, mesh)
         if ckpt is not None:
             _save(ckpt, model, i + 1, acts, held, records, tag)
         if on_block is not None:

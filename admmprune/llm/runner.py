@@ -45,6 +45,7 @@ class LLMRecipe:
     batch: int = 8
     seed: int = 0
     output_type: str = "F16"
+    devices: int = 0
 
     def matches(self, recorded: dict[str, Any]) -> bool:
         """Whether ``recorded`` (a report's ``recipe``) describes this recipe."""
@@ -70,6 +71,7 @@ KEYS = {
     "batch": "windows per forward pass",
     "seed": "the seed of the calibration offsets",
     "output_type": "model.gguf's weight type: F16, F32 or Q8_0",
+    "devices": "split the calibration windows over this many devices (0: one, -1: all)",
 }
 
 
@@ -192,6 +194,17 @@ def solve_llm(
                 f"block {i + 1}/{file.config.n_layers}: mean error {np.mean(errs):.4f}", flush=True
             )
 
+    from admmprune.runner import data_mesh
+
+    try:
+        mesh = data_mesh(recipe.devices)
+    except ValueError as e:
+        raise LLMRecipeError(f"[llm] devices: {e}") from None
+    if mesh is not None and recipe.batch % mesh.devices.size:
+        raise LLMRecipeError(
+            f"[llm] batch = {recipe.batch} does not split over {mesh.devices.size} devices; use a "
+            "multiple."
+        )
     tick = time.perf_counter()
     records = prune_llama(
         model,
@@ -202,6 +215,7 @@ def solve_llm(
         batch=recipe.batch,
         checkpoint=ckpt,
         on_block=say,
+        mesh=mesh,
     )
     prune_seconds = time.perf_counter() - tick
     pruned = _perplexity(model, windows, recipe.batch)
