@@ -22,7 +22,10 @@ scale for every layer and the projection's magnitude ``|w_ij| ||x_j||``
 and the iteration stops once it has not moved for ``patience`` checks
 (ALPS, Meng et al. 2024); the kept weights are then refit exactly on the
 final support by conjugate gradients on each row's normal equations
-``(H~ (w' - w~))_K = 0``, warm-started from the ADMM iterate.
+``(H~ (w' - w~))_K = 0``, warm-started from the ADMM iterate. The iterations
+and the refit run in float32 by default (a matmul or two each: on a CPU
+float64 doubles their cost), the normalization and the eigendecomposition in
+float64, once per group of matrices that share ``H`` (:func:`factorize`).
 
 References:
     X. Meng, K. Behdin, H. Wang, R. Mazumder, "ALPS: Improved optimization
@@ -36,7 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -60,8 +63,15 @@ class LayerADMM:
         patience: checks without any support change before stopping.
         max_iterations: the hard limit.
         damp: ``H + damp * mean(diag H) I`` before anything (SparseGPT's).
-        cg_iterations: the limit of the final refit's conjugate gradients.
+        cg_iterations: the limit of the final refit's conjugate gradients
+            (25: on SmolLM2-shaped layers 100 iterations lowered the
+            reconstruction error by under 0.5% at twice the time).
         cg_tol: its relative residual tolerance.
+        dtype: the float type of the iterations and the refit (the
+            normalization and the eigendecomposition stay float64):
+            ``"float32"``, about twice as fast on a CPU as ``"float64"``, with
+            the same reconstruction error to 4 digits on SmolLM2-shaped layers
+            (``admmprune.bench.llm.block_timing``).
     """
 
     rho: float = 0.1
@@ -72,8 +82,13 @@ class LayerADMM:
     patience: int = 3
     max_iterations: int = 300
     damp: float = 0.01
-    cg_iterations: int = 100
+    cg_iterations: int = 25
     cg_tol: float = 1e-8
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"LayerADMM dtype must be 'float32' or 'float64', got {self.dtype!r}.")
 
 
 def _project(v: jax.Array, k: int | None, nm: tuple[int, int] | None) -> jax.Array:
@@ -128,7 +143,7 @@ def _cg_refit(
     r = (b - x @ h) * m
     p = r
     rs = jnp.sum(r * r, axis=1)
-    norm_b = jnp.sqrt(jnp.maximum(jnp.sum((b * m) ** 2, axis=1), 1e-300))
+    norm_b = jnp.sqrt(jnp.maximum(jnp.sum((b * m) ** 2, axis=1), jnp.finfo(h.dtype).tiny))
 
     def cond(c: tuple[Any, ...]) -> jax.Array:
         i, _, _, _, rs = c
@@ -149,6 +164,33 @@ def _cg_refit(
     return x, jnp.max(jnp.sqrt(rs) / norm_b)
 
 
+class Factored(NamedTuple):
+    """A layer's normalized, damped ``H~`` with its scale ``d`` and eigendecomposition
+    ``H~ = Q diag(lam) Q^T``: what every matrix fed by the same inputs shares."""
+
+    hn: jax.Array
+    d: jax.Array
+    lam: jax.Array
+    q: jax.Array
+
+
+def factorize(h: np.ndarray | jax.Array, settings: LayerADMM = LayerADMM()) -> Factored:
+    """``H`` damped (``settings.damp``), normalized to unit diagonal and decomposed,
+    in float64; pass it to :func:`admm_prune` for every matrix with this ``H``
+    (a block's q, k and v; gate and up) to decompose once."""
+    with jax.enable_x64(True):
+        h64 = jnp.asarray(h, jnp.float64)
+        cols = h64.shape[0]
+        mean = jnp.mean(jnp.diagonal(h64))
+        h64 = h64 + settings.damp * jnp.where(mean > 0, mean, 1.0) * jnp.eye(
+            cols, dtype=jnp.float64
+        )
+        d = jnp.sqrt(jnp.diagonal(h64))
+        hn = h64 / d[:, None] / d[None, :]
+        lam, q = jnp.linalg.eigh(hn)
+    return Factored(hn, d, lam, q)
+
+
 def admm_prune(
     w: jax.Array,
     h: np.ndarray | jax.Array,
@@ -156,6 +198,7 @@ def admm_prune(
     *,
     nm: tuple[int, int] | None = None,
     settings: LayerADMM = LayerADMM(),
+    factored: Factored | None = None,
 ) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
     """Layer-wise ADMM (module docstring): ``W`` pruned to ``k`` weights or N:M.
 
@@ -165,6 +208,8 @@ def admm_prune(
         k: weights kept in the matrix (with ``nm=None``).
         nm: ``(N, M)``: every M consecutive inputs of each row keep N.
         settings: :class:`LayerADMM`.
+        factored: ``factorize(h, settings)``, computed once for the matrices
+            that share ``h`` (``h`` is then not read).
 
     Returns:
         ``(W', mask, info)``: the pruned weights (``W'`` zero off ``mask``, in
@@ -182,24 +227,24 @@ def admm_prune(
             raise ValueError(f"N:M needs 0 < N <= M and M dividing d_in={cols}; got {n_keep}:{m}.")
         nm = (n_keep, m)
     s = settings
+    f = factored if factored is not None else factorize(h, s)
+    if f.hn.shape != (cols, cols):
+        raise ValueError(f"the factored H is {f.hn.shape}, the layer takes {cols} inputs.")
     with jax.enable_x64(True):
-        h64 = jnp.asarray(h, jnp.float64)
-        mean = jnp.mean(jnp.diagonal(h64))
-        h64 = h64 + s.damp * jnp.where(mean > 0, mean, 1.0) * jnp.eye(cols, dtype=jnp.float64)
-        d = jnp.sqrt(jnp.diagonal(h64))
-        hn = h64 / d[:, None] / d[None, :]
-        lam, q = jnp.linalg.eigh(hn)
+        hn, d, lam, q = f
         wn = jnp.asarray(w, jnp.float64) * d[None, :]
         b = wn @ hn
         mask = _project(wn, k, nm)
-        z, u = jnp.where(mask, wn, 0.0), jnp.zeros_like(wn)
+        dt = jnp.dtype(s.dtype)
+        bi, qi, lami = (a.astype(dt) for a in (b, q, lam))
+        z, u = jnp.where(mask, wn, 0.0).astype(dt), jnp.zeros_like(wn, dtype=dt)
         rho, quiet, done, changes = s.rho, 0, 0, []
         kept = k if nm is None else rows * cols * nm[0] // nm[1]
         v = wn
         while done < s.max_iterations:
             steps = min(s.check_every, s.max_iterations - done)
             v, z, u, mask, changed = _iterate(
-                b, q, lam, z, u, mask, jnp.asarray(rho, jnp.float64), k=k, nm=nm, steps=steps
+                bi, qi, lami, z, u, mask, jnp.asarray(rho, dt), k=k, nm=nm, steps=steps
             )
             done += steps
             changed = int(changed)
@@ -212,7 +257,8 @@ def admm_prune(
                 factor = s.growth if changed > s.settle * kept else s.slow_growth
                 rho *= factor
                 u = u / factor
-        x, residual = _cg_refit(hn, b, v, mask, s.cg_iterations, s.cg_tol)
+        x, residual = _cg_refit(hn.astype(dt), b.astype(dt), v, mask, s.cg_iterations, s.cg_tol)
+        x = x.astype(jnp.float64)
         out = (x / d[None, :]).astype(w.dtype)
         info = {
             "iterations": done,
@@ -223,4 +269,4 @@ def admm_prune(
     return jnp.where(mask, out, 0).astype(w.dtype), mask, info
 
 
-__all__ = ["LayerADMM", "admm_prune"]
+__all__ = ["Factored", "LayerADMM", "admm_prune", "factorize"]

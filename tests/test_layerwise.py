@@ -70,3 +70,21 @@ def test_bad_settings_are_named():
         admm_prune(jnp.asarray(w), h, 40)
     with pytest.raises(ValueError, match="M dividing d_in=8"):
         admm_prune(jnp.asarray(w), h, nm=(2, 3))
+
+
+def test_a_shared_factorization_gives_the_same_result_and_float64_agrees():
+    """``factorize`` once for matrices with one H (q, k, v) changes nothing; the float32
+    iterations find the float64 support's error to within 1%."""
+    from admmprune.layerwise import factorize
+
+    w, h = _layer(24, 64, 256, seed=3)
+    alone, mask, _ = admm_prune(jnp.asarray(w), h, 600)
+    shared, mask2, _ = admm_prune(jnp.asarray(w), None, 600, factored=factorize(h))
+    np.testing.assert_array_equal(np.asarray(alone), np.asarray(shared))
+    wide, _, _ = admm_prune(jnp.asarray(w), h, 600, settings=LayerADMM(dtype="float64"))
+    e32, e64 = (obs.reconstruction_error(w, x, h) for x in (alone, wide))
+    assert e32 <= 1.01 * e64, (e32, e64)
+    with pytest.raises(ValueError, match="factored H is"):
+        admm_prune(jnp.asarray(w[:, :32]), None, 100, factored=factorize(h))
+    with pytest.raises(ValueError, match="dtype must be"):
+        LayerADMM(dtype="float16")

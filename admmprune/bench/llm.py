@@ -150,3 +150,77 @@ def markdown_table(results: dict[str, Any]) -> str:
 
 
 __all__ = ["check_targets", "markdown_table", "run_llm_benchmark"]
+
+
+# SmolLM2-135M's block: (d_out, d_in) of each group of matrices that share their inputs.
+SMOLLM2_GROUPS = (
+    ((576, 576), (192, 576), (192, 576)),
+    ((576, 576),),
+    ((1536, 576),) * 2,
+    ((576, 1536),),
+)
+
+
+def synthetic_hessian(d_in: int, seed: int, tokens: int = 4096) -> Any:
+    """``X^T X / n`` of inputs with a decaying spectrum and a few outlier features (as
+    LLM activations have): a stand-in for a layer's calibration Hessian."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((d_in, d_in)) * (np.arange(1, d_in + 1) ** -0.7)[None, :]
+    x = rng.standard_normal((tokens, d_in)) @ a.T + 0.1 * rng.standard_normal((tokens, d_in))
+    x[:, rng.choice(d_in, 8, replace=False)] *= 20
+    return x.T @ x / tokens
+
+
+def block_timing(fraction: float = 0.5, seed: int = 0) -> dict[str, Any]:
+    """SparseGPT against layer-wise ADMM on one SmolLM2-shaped block, side by side.
+
+    Synthetic Hessians (:func:`synthetic_hessian`) and Gaussian weights of the
+    block's seven shapes, grouped as the pipeline groups them (ADMM decomposes
+    each group's H once); every solver compiled first, then timed. Returns the
+    seconds and the summed reconstruction errors of each, and their ratios.
+
+        python -c "from admmprune.bench.llm import block_timing; print(block_timing())"
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from admmprune import obs
+    from admmprune.layerwise import LayerADMM, factorize
+    from admmprune.llm.pipeline import Sparsity, prune_weights
+
+    sparsity, settings = Sparsity(fraction=fraction), LayerADMM()
+    rng = np.random.default_rng(seed)
+    problems = []
+    for g, group in enumerate(SMOLLM2_GROUPS):
+        h = synthetic_hessian(group[0][1], seed + g)
+        ws = [jnp.asarray(rng.standard_normal(s) / np.sqrt(s[1]), jnp.float32) for s in group]
+        problems.append((h, ws))
+
+    def solve(method: str) -> tuple[float, float]:
+        seconds, error = 0.0, 0.0
+        for h, ws in problems:
+            tick = time.perf_counter()
+            fac = jax.block_until_ready(factorize(h, settings)) if method == "admm" else None
+            out = [
+                jax.block_until_ready(prune_weights(method, w, h, sparsity, settings, fac))
+                for w in ws
+            ]
+            seconds += time.perf_counter() - tick
+            error += sum(obs.reconstruction_error(w, o, h) for w, o in zip(ws, out, strict=True))
+        return seconds, error
+
+    for method in ("sparsegpt", "admm"):  # compile every shape first
+        solve(method)
+    (ts, es), (ta, ea) = solve("sparsegpt"), solve("admm")
+    return {
+        "sparsegpt_seconds": ts,
+        "admm_seconds": ta,
+        "time_ratio": ta / ts,
+        "sparsegpt_error": es,
+        "admm_error": ea,
+        "error_ratio": ea / es,
+        "device": str(jax.devices()[0].device_kind),
+    }
