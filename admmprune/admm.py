@@ -47,12 +47,18 @@ from admmprune.guards import (
     check_budget,
     check_factor,
     check_inputs,
-    check_result,
-    start_loss,
+    reference_loss,
 )
 from admmprune.metrics import Euclidean, Metric, scaled
 from admmprune.results import PruneResult, finish, with_eval
-from admmprune.training import Callback, EvalFn, LossFn, check_batch_size, run_epoch
+from admmprune.training import (
+    Callback,
+    EvalFn,
+    LossFn,
+    check_batch_size,
+    place_on_mesh,
+    run_epoch,
+)
 
 if TYPE_CHECKING:
     from admmprune.checkpoint import RunCheckpoint
@@ -424,6 +430,8 @@ class ADMM:
         start_params = params if params is not None or state is None else state.params
         check_inputs(start_params, data, self.budget, "ADMM")
         check_batch_size(data, self.batch_size)
+        if self.mesh is not None:  # laid out once; every W-step epoch then finds it in place
+            data = place_on_mesh(self.mesh, data, None, self.batch_size)[0]
         history = list(history or [])
 
         def emit(record: dict[str, Any]) -> None:
@@ -434,23 +442,24 @@ class ADMM:
         # The same split whether or not we resume, so a resumed run retrains identically.
         init_key, retrain_key = jax.random.split(key)
         slot = checkpoint.slot("admm") if checkpoint is not None else None
-        if state is None and slot is not None:
+        saved = None
+        if state is None and slot is not None and "admm" in checkpoint.phases():
             saved = slot.restore(self.init(params, init_key, self.metric_like(params)))
             if saved is not None:
                 state, history = saved[0], list(saved[1]["history"])
+        reference = None
         if state is None:
             metric_key = jax.random.fold_in(init_key, 1)
             metric = self.metric_weights(params, loss_fn, data, metric_key)
             state = self.init(params, init_key, metric)
-        # Divergence is judged against both ends W is pulled between: the start and its
-        # projection (the same figures when resuming: both come from ``params``).
-        projected = apply_masks(start_params, self.budget.project(start_params).masks)
-        ends = (start_params, projected)
-        watch = LossWatch(
-            "ADMM",
-            max(start_loss(loss_fn, p, data, self.batch_size) for p in ends),
-            self.divergence_factor,
-        )
+            # Divergence is judged against both ends W is pulled between: the start and
+            # its projection (the initial Z); a checkpoint keeps the figure for a resume.
+            reference = reference_loss(loss_fn, (state.params, state.z), data, self.batch_size)
+        elif saved is not None:
+            reference = saved[1].get("reference")
+        if reference is None:  # resumed from a bare state: its W and Z stand in
+            reference = reference_loss(loss_fn, (state.params, state.z), data, self.batch_size)
+        watch = LossWatch("ADMM", reference, self.divergence_factor)
         converged = any(self.converged(r) for r in history if r.get("phase") == "admm")
         while not converged and int(state.iteration) < self.iterations:
             state, record = self.update(state, loss_fn, data)
@@ -464,7 +473,8 @@ class ADMM:
             if on_iteration is not None:
                 on_iteration(state, history)
             if slot is not None:
-                slot.save(state, {"iteration": int(state.iteration), "history": history})
+                info = {"iteration": int(state.iteration), "history": history}
+                slot.save(state, {**info, "reference": reference})
 
         _, masks = self.hard_prune(state)
         pruned, tail = self.finetune.run(
@@ -481,7 +491,6 @@ class ADMM:
             checkpoint=checkpoint.slot("retrain") if checkpoint is not None else None,
             mesh=self.mesh,
         )
-        check_result(pruned, "ADMM")
         history.extend(tail)
         return finish(
             params=pruned,

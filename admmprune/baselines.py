@@ -236,6 +236,8 @@ class ProjectedSGD:
         check_inputs(params, data, self.budget, "ProjectedSGD")
         steps = check_batch_size(data, self.batch_size)
         decay = self.decay_epochs or max(self.projected_epochs, 1)
+        # The dense start's loss (at least guards.LOSS_FLOOR): projecting once more here
+        # would be one more call than the run's own projections make.
         reference = start_loss(loss_fn, params, data, self.batch_size)
         watch = LossWatch("projected SGD", reference, self.finetune.divergence_factor)
         train_key, retrain_key = jax.random.split(key)

@@ -9,8 +9,8 @@ A run that goes wrong stops with :class:`DivergenceError` (a
 ``FloatingPointError``, so a :class:`RunFailedError`) instead of ending as a
 success: a non-finite loss in any epoch, or a phase whose epoch loss rises
 above ``factor`` times its reference -- the loss at the phase's start on its
-first minibatch (for ADMM the larger of the dense network's and its
-projection's, the two ends W is pulled between). Diverging training grows by
+first few minibatches, at least ``LOSS_FLOOR`` (for ADMM the larger of the
+dense network's and its projection's, the two ends W is pulled between). Diverging training grows by
 orders of magnitude; a healthy phase stays near or below where it started,
 so the default ``factor = 100`` (:data:`DIVERGENCE_FACTOR`) does not fire on
 ordinary runs. A non-finite result is a failure too (:func:`check_result`).
@@ -31,6 +31,9 @@ import numpy as np
 from admmprune._tree import PyTree, path_name
 
 DIVERGENCE_FACTOR = 100.0
+# The smallest reference the factor multiplies: a well-trained network's loss near zero
+# (0.003 for LeNet-5) must not make any later rise to 0.3 a "divergence".
+LOSS_FLOOR = 1e-2
 
 
 class InputError(ValueError):
@@ -206,11 +209,24 @@ def check_result(params: PyTree, method: str) -> None:
 
 
 def start_loss(
-    loss_fn: Callable[[PyTree, Any], Any], params: PyTree, data: PyTree, n: int
+    loss_fn: Callable[[PyTree, Any], Any], params: PyTree, data: PyTree, n: int, batches: int = 4
 ) -> float:
-    """The loss of ``params`` on the first ``n`` examples: a phase's divergence reference."""
-    batch = jax.tree.map(lambda a: a[:n], data)
-    return float(loss_fn(params, batch))
+    """The mean loss of ``params`` over the first ``batches`` minibatches of ``n``
+    examples (fewer if the data is smaller): a phase's divergence reference."""
+    examples = int(jax.tree.leaves(data)[0].shape[0])
+    starts = range(0, max(min(examples, n * batches) - n + 1, 1), n)
+    losses = [
+        float(loss_fn(params, jax.tree.map(lambda a, i=i: a[i : i + n], data))) for i in starts
+    ]
+    return sum(losses) / len(losses)
+
+
+def reference_loss(
+    loss_fn: Callable[[PyTree, Any], Any], starts: tuple[PyTree, ...], data: PyTree, n: int
+) -> float:
+    """The largest :func:`start_loss` of ``starts``: for a solver that pulls the weights
+    from the dense network towards its projection (ADMM, projected SGD), both ends."""
+    return max(start_loss(loss_fn, p, data, n) for p in starts)
 
 
 class LossWatch:
@@ -238,7 +254,7 @@ class LossWatch:
             )
         if self.factor is None or not math.isfinite(self.reference):
             return loss
-        limit = self.factor * max(abs(self.reference), 1e-12)
+        limit = self.factor * max(abs(self.reference), LOSS_FLOOR)
         if loss > limit:
             raise DivergenceError(
                 f"{self.phase} diverged: the training loss {loss:.4g} at {step} is above "
@@ -273,5 +289,6 @@ __all__ = [
     "check_model_params",
     "check_params",
     "check_result",
+    "reference_loss",
     "start_loss",
 ]

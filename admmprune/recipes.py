@@ -672,6 +672,13 @@ def parse_recipe(raw: Mapping[str, Any], *, name: str, path: str | None = None) 
         parsed[section] = out
     parsed["problem"]["name"] = parsed["problem"]["name"] or name
     _check_problem(parsed["problem"])
+    for section in ("dense", "solver"):
+        factor = parsed[section].get("divergence_factor")
+        if factor is not None and 0 < factor <= 1:
+            raise RecipeError(
+                f"{section}.divergence_factor: {factor} would stop any run whose loss ever "
+                "rises; use a number above 1 (default 100) or 0 to turn the check off."
+            )
     if custom:
         _check_energy_section(parsed["energy"])
         recipe = Recipe(**parsed, path=path)

@@ -125,10 +125,19 @@ def user_data(recipe: Recipe) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
     )
 
 
-def dense_cache_path(recipe: Recipe) -> Path:
-    """Where the recipe's dense model is cached (keyed by a hash of its settings)."""
+def dense_cache_path(recipe: Recipe, train: tuple[Any, Any] | None = None) -> Path:
+    """Where the recipe's dense model is cached (keyed by a hash of its settings; for a
+    user's loader also of the training arrays it returned, so new data is a new key)."""
     label = recipe.problem["model"].replace(":", "-").replace("/", "-")
-    return cache_dir() / "dense" / f"{label}-{recipe.dense_key()}.npz"
+    key = recipe.dense_key()
+    if train is not None and ":" in recipe.problem["data"]:
+        import hashlib
+
+        digest = hashlib.sha256(key.encode())
+        for a in train:
+            digest.update(np.ascontiguousarray(np.asarray(a)).tobytes())
+        key = digest.hexdigest()[:16]
+    return cache_dir() / "dense" / f"{label}-{key}.npz"
 
 
 def dense_params(
@@ -148,7 +157,7 @@ def dense_params(
         given = load_params(recipe.problem["params"], params)
         return given, apply, {"cached": False, "given": recipe.problem["params"]}
     dense = recipe.dense
-    path = dense_cache_path(recipe)
+    path = dense_cache_path(recipe, train)
     if dense["cache"] and path.exists():
         return load_params(path, params), apply, {"cached": True, "cache_file": str(path)}
     opt = make_optimizer(dense["optimizer"], dense["learning_rate"])
@@ -567,6 +576,8 @@ def open_checkpoint(recipe: Recipe, out: Path, resume: bool, overwrite: bool) ->
             f"{out} holds the checkpoint of another run ({held}); pass --resume to continue it, "
             "--overwrite to discard it, or another --out."
         )
+    if overwrite:  # discarded now: a run that fails early must not point at another's state
+        path.unlink(missing_ok=True)
     return RunCheckpoint(path, recipe.fingerprint())
 
 

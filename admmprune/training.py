@@ -27,8 +27,13 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+try:  # meshes carry axis types from jax 0.6 on
+    from jax.sharding import AxisType
+except ImportError:  # pragma: no cover - older jax: every mesh is automatic
+    AxisType = None
 
 from admmprune._tree import PyTree, apply_masks
 from admmprune.guards import (
@@ -235,7 +240,8 @@ def place_on_mesh(
     Raises:
         ValueError: ``batch_size`` is not a multiple of the mesh's first axis.
     """
-    if any(t != AxisType.Auto for t in mesh.axis_types):  # e.g. jax.make_mesh's Explicit
+    types = getattr(mesh, "axis_types", ())
+    if AxisType is not None and any(t != AxisType.Auto for t in types):  # jax.make_mesh's
         mesh = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * mesh.devices.ndim)
     axis = mesh.axis_names[0]
     size = int(mesh.shape[axis])
@@ -368,6 +374,8 @@ def train(
     if masks is not None:
         check_masks(masks, params)
         params = apply_masks(params, masks)
+    if mesh is not None:  # laid out once; every epoch then finds it in place
+        data = place_on_mesh(mesh, data, None, batch_size)[0]
     opt_state = optimizer.init(params)
     history: list[dict[str, Any]] = []
     first = 0

@@ -131,6 +131,7 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, capsys
         solve(recipe, tmp_path / "cut", callback=stop_at_second_iteration, plots=False)
     resumed = solve(recipe, tmp_path / "cut", resume=True, plots=False, keep_checkpoint=True)
     assert resumed["resumed_from_iteration"] == 1
+    assert (tmp_path / "cut" / "checkpoint.npz").exists()  # kept, as asked
     assert resumed["epochs"] == full["epochs"] == 4
     assert len([r for r in resumed["history"] if r["phase"] == "admm"]) == 3
     assert resumed["test_accuracy"] == full["test_accuracy"]
@@ -141,6 +142,9 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, capsys
         np.testing.assert_array_equal(np.asarray(a[name]["kernel"]), np.asarray(b[name]["kernel"]))
     if extra:
         return
+    # Resuming the kept (finished) checkpoint reproduces the result.
+    again = solve(recipe, tmp_path / "cut", resume=True, plots=False, keep_checkpoint=True)
+    assert again["test_accuracy"] == full["test_accuracy"]
     # A changed recipe must not pick up this checkpoint.
     other = _recipe(tmp_path, TINY.replace("iterations = 2", "iterations = 4"), name="other")
     args = ["solve", str(other), "--out", str(tmp_path / "cut"), "--resume", "--quiet"]

@@ -78,8 +78,8 @@ def test_a_shared_factorization_gives_the_same_result_and_float64_agrees():
     from admmprune.layerwise import factorize
 
     w, h = _layer(24, 64, 256, seed=3)
-    alone, mask, _ = admm_prune(jnp.asarray(w), h, 600)
-    shared, mask2, _ = admm_prune(jnp.asarray(w), None, 600, factored=factorize(h))
+    alone, _, _ = admm_prune(jnp.asarray(w), h, 600)
+    shared, _, _ = admm_prune(jnp.asarray(w), None, 600, factored=factorize(h))
     np.testing.assert_array_equal(np.asarray(alone), np.asarray(shared))
     wide, _, _ = admm_prune(jnp.asarray(w), h, 600, settings=LayerADMM(dtype="float64"))
     e32, e64 = (obs.reconstruction_error(w, x, h) for x in (alone, wide))

@@ -155,8 +155,10 @@ def test_sigkill_at_seeded_points_then_resume_is_bit_identical(tmp_path) -> None
     full = _start(recipe, tmp_path / "full", env)
     assert _finish(full)[0] == 0
     want = _outcome(tmp_path / "full")
-    points = sorted(random.Random(16).sample(range(1, STEPS), 3))
-    assert min(points) <= 3 < max(points)  # dense and later phases are both hit
+    # One seeded point inside each phase: saves 1-2 are dense epochs, 4-5 ADMM
+    # iterations, 7 the first retraining epoch (3 and 6 end a phase).
+    rng = random.Random(16)
+    points = [rng.randint(1, 2), rng.randint(4, 5), 7]
     for k in points:
         out = tmp_path / f"killed-{k}"
         _stop_after(_start(recipe, out, env), out / "checkpoint.npz", k, signal.SIGKILL)
@@ -267,6 +269,13 @@ def test_a_user_model_and_loader_run_from_a_recipe(tmp_path, monkeypatch) -> Non
     (tmp_path / "user_nets_a.py").write_text(USER_NET.replace("16", "24"))
     assert load_recipe(path).dense_key() != keys[0]
     assert load_recipe(path).fingerprint() != keys[1]
+
+    # New data from the loader is a new dense model too.
+    from admmprune.runner import dense_cache_path
+
+    x, y = np.ones((4, 8), np.float32), np.zeros(4, np.int32)
+    assert dense_cache_path(cached, (x, y)) != dense_cache_path(cached, (x + 1, y))
+    assert dense_cache_path(cached, (x, y)) == dense_cache_path(cached, (x.copy(), y))
 
     # Start from the user's own trained params: no dense training.
     (tmp_path / "user_nets_a.py").write_text(USER_NET)

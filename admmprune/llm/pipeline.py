@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from admmprune import obs
+from admmprune.guards import DivergenceError
 from admmprune.layerwise import Factored, LayerADMM, admm_prune, factorize
 from admmprune.llm.llama import Block, Llama
 from admmprune.projections import nm_mask
@@ -231,6 +232,8 @@ def prune_llama(
         raise ValueError(f"unknown pruner {method!r}; choose one of {', '.join(PRUNERS)}.")
     sparsity.check(model)
     tag = {"method": method, "sparsity": sparsity.describe(), "windows": len(calibration)}
+    if method == "admm":  # a checkpoint of another version's or settings' ADMM is not resumed
+        tag["admm"] = {**dataclasses.asdict(admm), "version": 2}
     records: list[dict[str, Any]] = []
     start = 0
     acts = _embed(model, calibration)
@@ -279,7 +282,7 @@ def prune_llama(
                 seconds = time.perf_counter() - tick + shared
                 shared = 0.0
                 if not bool(jnp.all(jnp.isfinite(w_new))):
-                    raise FloatingPointError(
+                    raise DivergenceError(
                         f"blk.{i}.{name}: the {method} pruner gave non-finite weights."
                     )
                 layer.kernel[...] = w_new.T

@@ -48,8 +48,13 @@ class LLMRecipe:
     devices: int = 0
 
     def matches(self, recorded: dict[str, Any]) -> bool:
-        """Whether ``recorded`` (a report's ``recipe``) describes this recipe."""
-        return recorded == dataclasses.asdict(self)
+        """Whether ``recorded`` (a report's ``recipe``) describes this recipe; a key the
+        report lacks matches where this recipe has its default (the report predates it)."""
+        mine = dataclasses.asdict(self)
+        if set(recorded) - set(mine):
+            return False
+        defaults = dataclasses.asdict(LLMRecipe(name=self.name))
+        return all(recorded.get(k, defaults[k]) == v for k, v in mine.items())
 
     def sparsity_set(self) -> Sparsity:
         if self.nm is not None:

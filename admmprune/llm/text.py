@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from admmprune.guards import DivergenceError
+
 
 class TextError(ValueError):
     """Text that cannot give what was asked (too short, missing); says what to change."""
@@ -84,7 +86,7 @@ def perplexity(
         w = jnp.asarray(windows[i : i + batch])
         nll = np.asarray(window_nll(logits_fn(w), w), np.float64)
         if not np.all(np.isfinite(nll)):
-            raise FloatingPointError(f"non-finite log-likelihood in windows {i}-{i + len(w)}")
+            raise DivergenceError(f"non-finite log-likelihood in windows {i}-{i + len(w)}")
         total += float(nll.sum())
         count += int(w.shape[0] * (w.shape[1] - 1))
     return {"perplexity": float(np.exp(total / count)), "tokens": count, "nll": total / count}
