@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +34,9 @@ from admmprune.training import (
     run_steps,
     shuffled_batches,
 )
+
+if TYPE_CHECKING:
+    from admmprune.checkpoint import RunCheckpoint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +66,7 @@ class MagnitudePrune:
         key: jax.Array,
         eval_fn: EvalFn | None = None,
         callback: Callback | None = None,
+        checkpoint: RunCheckpoint | None = None,
     ) -> PruneResult:
         """Prunes ``params`` to the budget in one shot and retrains with the mask fixed."""
         start = time.perf_counter()
@@ -80,6 +84,7 @@ class MagnitudePrune:
             batch_size=self.batch_size,
             eval_fn=eval_fn,
             callback=callback,
+            checkpoint=checkpoint.slot("retrain") if checkpoint is not None else None,
         )
         return finish(
             params=pruned,
@@ -230,6 +235,7 @@ class ProjectedSGD:
         key: jax.Array,
         eval_fn: EvalFn | None = None,
         callback: Callback | None = None,
+        checkpoint: RunCheckpoint | None = None,
     ) -> PruneResult:
         """Projected training, the final projection, then masked retraining."""
         start = time.perf_counter()
@@ -290,6 +296,7 @@ class ProjectedSGD:
             batch_size=self.batch_size,
             eval_fn=eval_fn,
             callback=callback,
+            checkpoint=checkpoint.slot("retrain") if checkpoint is not None else None,
         )
         history += tail
         return finish(

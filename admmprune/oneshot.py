@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +45,9 @@ from admmprune.results import PruneResult, finish
 from admmprune.training import Callback, EvalFn, LossFn
 
 ONE_SHOT_METHODS = (*obs.METHODS, "global_obs")
+
+if TYPE_CHECKING:
+    from admmprune.checkpoint import RunCheckpoint
 
 
 def allocate(
@@ -292,6 +295,7 @@ class OneShotPrune:
         key: jax.Array,
         eval_fn: EvalFn | None = None,
         callback: Callback | None = None,
+        checkpoint: RunCheckpoint | None = None,
     ) -> PruneResult:
         """Prunes ``params`` in one shot (then retrains with the mask fixed, if asked)."""
         start = time.perf_counter()
@@ -358,6 +362,7 @@ class OneShotPrune:
             batch_size=self.batch_size,
             eval_fn=eval_fn,
             callback=callback,
+            checkpoint=checkpoint.slot("retrain") if checkpoint is not None else None,
         )
         return finish(
             params=pruned,

@@ -619,7 +619,9 @@ def _solve(
         solver = dataclasses.replace(solver, budget=allocate(params))
         allocation_seconds = time.perf_counter() - begin
     key = jax.random.key(recipe.problem["seed"] + 1)
-    extra: dict[str, Any] = {"checkpoint": checkpoint} if recipe.method == "admm" else {}
+    # Every solver but IMP checkpoints its retraining (ADMM also its iterations).
+    resumable = recipe.method != "iterative_magnitude"
+    extra: dict[str, Any] = {"checkpoint": checkpoint} if resumable else {}
     result: PruneResult = solver.run(
         params, loss_fn, train, key=key, eval_fn=evaluate, callback=callback, **extra
     )

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +32,9 @@ from admmprune.guards import check_inputs, check_model_params
 from admmprune.results import PruneResult, finish
 from admmprune.structured import StructuredBudget
 from admmprune.training import Callback, EvalFn, LossFn, check_batch_size, train
+
+if TYPE_CHECKING:
+    from admmprune.checkpoint import RunCheckpoint
 
 
 def _prune_and_finetune(
@@ -46,6 +49,7 @@ def _prune_and_finetune(
     history: list[dict[str, Any]],
     method: str,
     start: float,
+    checkpoint: RunCheckpoint | None = None,
 ) -> PruneResult:
     pruned, tail = solver.finetune.run(
         params,
@@ -58,6 +62,7 @@ def _prune_and_finetune(
         batch_size=solver.batch_size,
         eval_fn=eval_fn,
         callback=callback,
+        checkpoint=checkpoint.slot("retrain") if checkpoint is not None else None,
     )
     return finish(
         params=pruned,
@@ -98,6 +103,7 @@ class L1FilterPrune:
         key: jax.Array,
         eval_fn: EvalFn | None = None,
         callback: Callback | None = None,
+        checkpoint: RunCheckpoint | None = None,
     ) -> PruneResult:
         start = time.perf_counter()
         check_inputs(params, data, self.budget, "L1FilterPrune")
@@ -105,7 +111,18 @@ class L1FilterPrune:
         scores = self.budget.structure.l1_scores(params)
         masks = self.budget.project_by(params, scores).masks
         return _prune_and_finetune(
-            self, params, masks, loss_fn, data, key, eval_fn, callback, [], "l1_filter", start
+            self,
+            params,
+            masks,
+            loss_fn,
+            data,
+            key,
+            eval_fn,
+            callback,
+            [],
+            "l1_filter",
+            start,
+            checkpoint,
         )
 
 
@@ -163,6 +180,7 @@ class NetworkSlimming:
         key: jax.Array,
         eval_fn: EvalFn | None = None,
         callback: Callback | None = None,
+        checkpoint: RunCheckpoint | None = None,
     ) -> PruneResult:
         start = time.perf_counter()
         check_inputs(params, data, self.budget, "NetworkSlimming")
@@ -196,7 +214,18 @@ class NetworkSlimming:
         }
         masks = self.budget.project_by(params, scores).masks
         return _prune_and_finetune(
-            self, params, masks, loss_fn, data, key, eval_fn, callback, history, "slimming", start
+            self,
+            params,
+            masks,
+            loss_fn,
+            data,
+            key,
+            eval_fn,
+            callback,
+            history,
+            "slimming",
+            start,
+            checkpoint,
         )
 
 
@@ -307,6 +336,7 @@ class StructuredOBS:
         key: jax.Array,
         eval_fn: EvalFn | None = None,
         callback: Callback | None = None,
+        checkpoint: RunCheckpoint | None = None,
     ) -> PruneResult:
         from admmprune.obs import prune_layerwise
 
@@ -327,7 +357,18 @@ class StructuredOBS:
         )
         refit = apply_masks(refit, masks)
         return _prune_and_finetune(
-            self, refit, masks, loss_fn, data, key, eval_fn, callback, [], "structured_obs", start
+            self,
+            refit,
+            masks,
+            loss_fn,
+            data,
+            key,
+            eval_fn,
+            callback,
+            [],
+            "structured_obs",
+            start,
+            checkpoint,
         )
 
 

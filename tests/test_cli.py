@@ -472,3 +472,31 @@ def test_the_own_model_example_recipe_parses(monkeypatch):
     recipe = load_recipe(Path("examples/own_model/recipe.toml"))
     assert recipe.problem["model"] == "nets:SmallCNN" and recipe.input_shape == (28, 28, 1)
     assert recipe.budget_object().describe()["keep"] == 0.05
+
+
+@pytest.mark.parametrize("method", ["magnitude", "l1_filter"])
+def test_a_baseline_resumes_its_retraining_epoch_by_epoch(tmp_path, method):
+    text = TINY.replace("iterations = 2\n", "").replace("retrain_epochs = 1", "retrain_epochs = 3")
+    text = text.replace('method = "admm"', f'method = "{method}"')
+    if method == "l1_filter":
+        text = text.replace("keep = 0.05", 'type = "channels"\nkeep = 0.5')
+    recipe = load_recipe(_recipe(tmp_path, text))
+    full = solve(recipe, tmp_path / "full", plots=False)
+
+    def stop_in_the_retraining(record):
+        if record.get("phase") == "retrain" and record["epoch"] == 2:
+            raise _InterruptError  # after retraining epoch 1's checkpoint
+
+    with pytest.raises(_InterruptError):
+        solve(recipe, tmp_path / "cut", callback=stop_in_the_retraining, plots=False)
+    resumed = solve(recipe, tmp_path / "cut", resume=True, plots=False)
+    assert resumed["resumed_from"]["retrain_epoch"] == 1
+    assert resumed["history"] == full["history"] or [
+        {k: v for k, v in r.items() if k != "seconds"} for r in resumed["history"]
+    ] == [{k: v for k, v in r.items() if k != "seconds"} for r in full["history"]]
+    with (
+        np.load(tmp_path / "full" / "params.npz") as a,
+        np.load(tmp_path / "cut" / "params.npz") as b,
+    ):
+        for name in a.files:
+            np.testing.assert_array_equal(a[name], b[name])
