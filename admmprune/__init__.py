@@ -15,7 +15,6 @@ ADMM splitting, then hard-prunes and retrains with the mask fixed.
 ADMM's hard prune the same compensation.
 """
 
-from admmprune import nnx  # admmprune.nnx.split_nnx(model) after a plain `import admmprune`
 from admmprune._tree import apply_masks, default_prunable, leaf_names
 from admmprune.admm import ADMM, AdmmState, BudgetRamp, GeometricRho
 from admmprune.baselines import IterativeMagnitudePrune, MagnitudePrune, ProjectedSGD
@@ -91,10 +90,19 @@ __all__ = [
     "leaf_names",
     "load_checkpoint",
     "load_params",
-    "nnx",
     "obs_allocation",
     "project",
     "save_checkpoint",
     "save_params",
     "train",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``admmprune.nnx`` (the flax adapter) after a plain ``import admmprune``, loaded
+    only when first used: importing the package stays free of flax."""
+    if name == "nnx":
+        import importlib
+
+        return importlib.import_module("admmprune.nnx")
+    raise AttributeError(f"module 'admmprune' has no attribute {name!r}")
