@@ -124,7 +124,6 @@ def cmd_solve_llm(args: argparse.Namespace) -> int:
 
 
 def cmd_solve(args: argparse.Namespace) -> int:
-    from admmprune.recipes import load_recipe
     from admmprune.runner import solve, validate
 
     try:
@@ -141,9 +140,7 @@ def cmd_solve(args: argparse.Namespace) -> int:
 
         raise RecipeError("--eval-text and --calib-text are settings of LLM recipes ([llm]).")
 
-    recipe = load_recipe(args.recipe)
-    if args.set:
-        recipe = recipe.with_overrides(dict(parse_override(s) for s in args.set))
+    recipe = _recipe_with_overrides(args)
     validate(recipe)  # before the progress bar, which builds the solver to count epochs
     progress = Progress(total_epochs(recipe), recipe.name, enabled=not (args.quiet or args.json))
     try:
@@ -167,14 +164,21 @@ def cmd_solve(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_validate(args: argparse.Namespace) -> int:
-    """``validate``: every check of ``solve`` (recipe, budget, data, model, params), no training."""
+def _recipe_with_overrides(args: argparse.Namespace) -> Any:
+    """``args.recipe`` loaded, with every ``--set`` applied (and validated)."""
     from admmprune.recipes import load_recipe
-    from admmprune.runner import check_recipe
 
     recipe = load_recipe(args.recipe)
     if args.set:
         recipe = recipe.with_overrides(dict(parse_override(s) for s in args.set))
+    return recipe
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """``validate``: every check of ``solve`` (recipe, budget, data, model, params), no training."""
+    from admmprune.runner import check_recipe
+
+    recipe = _recipe_with_overrides(args)
     summary = check_recipe(recipe)
     if args.json:
         print(json.dumps(summary, indent=2, default=str))

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import json
 import math
 import tomllib
@@ -579,13 +578,12 @@ def _import_path(path: str) -> Any:
             f"budget.type: {path!r} is not one of {list(BUDGET_TYPES)} nor an import path "
             "like 'mypkg.budgets:RowTopK'."
         )
+    from admmprune.models import ModelError, import_object
+
     try:
-        obj = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise RecipeError(f"budget.type: cannot import {path!r} ({e}).") from None
-    if not callable(obj):
-        raise RecipeError(f"budget.type: {path!r} is not a class or function.")
-    return obj
+        return import_object(path, "budget.type")
+    except ModelError as e:
+        raise RecipeError(str(e)) from None
 
 
 def _check_problem(problem: Mapping[str, Any]) -> None:
