@@ -19,6 +19,7 @@ inference function serialized with ``jax.export``, batch axis symbolic), so
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import time
@@ -303,23 +304,62 @@ def compare_latency(
     batches: tuple[int, ...] = (256, 1),
     repeats: int = 20,
     rounds: int = 3,
+    impls: tuple[str, ...] = ("im2col",),
 ) -> dict[str, Any]:
     """Dense and compact inference times side by side, at each batch size.
 
     The two are timed in alternation (``rounds`` times each, ``repeats``
     calls per round) so machine noise hits both; each figure is the median.
+    ``impls`` lists the convolution forms to time (:func:`admmprune.models.conv_impl`):
+    the first gives ``batch_<n>``; with more, ``by_impl`` holds each form's
+    figures and ``best`` the fastest dense form against the fastest compact
+    one (what a user who picks the faster form for each network gets).
     """
-    out: dict[str, Any] = {}
-    key = jax.random.key(0)
-    for bs in batches:
-        x = jax.random.normal(key, (bs, *input_shape), jnp.float32)
-        d, c = [], []
-        for _ in range(rounds):
-            d.append(latency(dense[0], dense[1], x, repeats=repeats))
-            c.append(latency(small[0], small[1], x, repeats=repeats))
-        dm, cm = statistics.median(d), statistics.median(c)
-        out[f"batch_{bs}"] = {"dense_seconds": dm, "compact_seconds": cm, "speedup": dm / cm}
+    from admmprune.models import conv_impl
+
+    def timed(impl: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        key = jax.random.key(0)
+        with conv_impl(impl):  # fresh wrappers: a new trace under this form
+            fd = functools.partial(_call, dense[0])
+            fs = functools.partial(_call, small[0])
+            for bs in batches:
+                x = jax.random.normal(key, (bs, *input_shape), jnp.float32)
+                d, c = [], []
+                for _ in range(rounds):
+                    d.append(latency(fd, dense[1], x, repeats=repeats))
+                    c.append(latency(fs, small[1], x, repeats=repeats))
+                dm, cm = statistics.median(d), statistics.median(c)
+                out[f"batch_{bs}"] = {
+                    "dense_seconds": dm,
+                    "compact_seconds": cm,
+                    "speedup": dm / cm,
+                }
+        return out
+
+    runs = {impl: timed(impl) for impl in impls}
+    out = dict(runs[impls[0]])
+    if len(impls) > 1:
+        out["by_impl"] = runs
+        best: dict[str, Any] = {}
+        for bs in batches:
+            k = f"batch_{bs}"
+            d = min(impls, key=lambda i: runs[i][k]["dense_seconds"])
+            c = min(impls, key=lambda i: runs[i][k]["compact_seconds"])
+            dm, cm = runs[d][k]["dense_seconds"], runs[c][k]["compact_seconds"]
+            best[k] = {
+                "dense_seconds": dm,
+                "dense_impl": d,
+                "compact_seconds": cm,
+                "compact_impl": c,
+                "speedup": dm / cm,
+            }
+        out["best"] = best
     return out
+
+
+def _call(apply: Callable, params: PyTree, x: jax.Array) -> jax.Array:
+    return apply(params, x)
 
 
 __all__ = [

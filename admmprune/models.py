@@ -3,9 +3,11 @@ benchmarks."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -102,18 +104,42 @@ def _ones(v: Any) -> bool:
     return v is None or all(int(e) == 1 for e in (v if isinstance(v, tuple | list) else (v,)))
 
 
+_CONV_IMPL: contextvars.ContextVar[str] = contextvars.ContextVar("conv_impl", default="im2col")
+
+
+@contextlib.contextmanager
+def conv_impl(kind: Literal["im2col", "xla"]) -> Iterator[None]:
+    """Trace :class:`Conv` layers as im2col + matmul (the default) or XLA's own convolution.
+
+    The choice is made when a function is traced, and JAX caches a trace per
+    function: jit a new function (a fresh ``functools.partial`` or lambda)
+    inside ``with conv_impl("xla"):`` to get XLA's convolution. Training wants
+    im2col (see :func:`conv2d`); inference on a CPU is often faster with
+    XLA's, so latency is measured both ways (:func:`admmprune.compact.compare_latency`).
+    """
+    if kind not in ("im2col", "xla"):
+        raise ValueError(f'conv_impl takes "im2col" or "xla", got {kind!r}.')
+    token = _CONV_IMPL.set(kind)
+    try:
+        yield
+    finally:
+        _CONV_IMPL.reset(token)
+
+
 class Conv(nnx.Conv):
     """``nnx.Conv`` whose common 2-D cases run as :func:`conv2d` (im2col + matmul).
 
     The fast path: NHWC input with one batch axis, ``"VALID"`` or ``"SAME"``
     padding, any strides, no dilation, no feature groups, no mask, default
     dtype and precision; with or without bias. Same parameters, same layout
-    (HWIO), same results; other settings fall back to ``nnx.Conv``.
+    (HWIO), same results; other settings, and tracing inside
+    ``conv_impl("xla")``, run ``nnx.Conv``.
     """
 
     def __call__(self, x: jax.Array) -> jax.Array:
         fast = (
-            x.ndim == 4
+            _CONV_IMPL.get() == "im2col"
+            and x.ndim == 4
             and len(self.kernel_size) == 2
             and self.padding in ("VALID", "SAME")
             and self.feature_group_count == 1
@@ -320,6 +346,7 @@ __all__ = [
     "build_model",
     "conv2d",
     "conv2d_valid",
+    "conv_impl",
     "cross_entropy_loss",
     "import_object",
     "init_model",

@@ -60,8 +60,15 @@ BUDGET_TYPES = ("param", "energy", *STRUCTURED_TYPES)  # and "package.module:Nam
 # The keys each structured budget type takes (besides ``type``).
 STRUCTURED_KEYS = {
     "channels": ("keep", "count", "per_layer", "allocation", "min_channels"),
-    "macs": ("macs_fraction", "macs", "units", "min_channels", "exact", "bound"),
-    "channel_energy": ("energy_fraction", "energy", "min_channels", "exact", "samples"),
+    "macs": ("macs_fraction", "macs", "units", "min_channels", "round_to", "exact", "bound"),
+    "channel_energy": (
+        "energy_fraction",
+        "energy",
+        "min_channels",
+        "round_to",
+        "exact",
+        "samples",
+    ),
     "nm": ("n", "m", "layers"),
 }
 NEW_BUDGET_KEYS = (
@@ -69,6 +76,7 @@ NEW_BUDGET_KEYS = (
     "macs",
     "units",
     "min_channels",
+    "round_to",
     "exact",
     "bound",
     "n",
@@ -146,6 +154,7 @@ SCHEMA: dict[str, dict[str, _Key]] = {
         "macs": _k(_NUMBER, None),
         "units": _k(str, None, choices=("channels", "branches")),
         "min_channels": _k(int, None, minimum=1),
+        "round_to": _k(int, None, minimum=1),  # macs: kept counts multiples of this
         "exact": _k(bool, None),
         "bound": _k(bool, None),  # macs: report the LP bound and the projection's gap
         "n": _k(int, None, minimum=1),

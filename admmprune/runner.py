@@ -684,7 +684,9 @@ def export_compact(
     (:func:`admmprune.compact.save_compact`) and returns the report's
     ``compact`` block: parameter counts and MACs of both (the compact MACs
     counted on the compact model by tracing it again) and their inference
-    times at batch 256 and 1, measured side by side.
+    times at batch 256 and 1, measured side by side, with the library's
+    im2col convolution (``latency.batch_<n>``) and XLA's (``latency.by_impl``),
+    and the faster form of each against the faster of the other (``latency.best``).
     """
     from admmprune.compact import compact, compare_latency, save_compact
     from admmprune.groups import derive, kept_counts
@@ -700,7 +702,9 @@ def export_compact(
     shape = input_shape or recipe.input_shape  # what the data feeds it
     _, dense_apply = split_nnx(model, train=False)
     _, small_apply = split_nnx(small, train=False)
-    timing = compare_latency((dense_apply, dense), (small_apply, small_params), shape)
+    timing = compare_latency(
+        (dense_apply, dense), (small_apply, small_params), shape, impls=("im2col", "xla")
+    )
     channels = kept_counts(budget.structure, masks)
     save_compact(out, small, small_params, shape, info={"channels": channels})
     dense_macs = budget.structure.dense_macs

@@ -289,6 +289,11 @@ class MacsBudget:
             ``projection_gap = removed - (total - bound) >= 0`` certifies the
             greedy's answer (figures ``projection_removed``, ``projection_gap``;
             one LP per projection).
+        round_to: every group keeps a multiple of ``round_to`` channels (or
+            all of them), as Torch-Pruning's ``round_to``: vector units and
+            matmul kernels run widths that are multiples of 8 or 16 much
+            faster than odd ones, so rounded counts turn saved MACs into saved
+            time. The floor is ``min_channels`` rounded up to a multiple.
     """
 
     structure: Structure
@@ -298,6 +303,7 @@ class MacsBudget:
     min_channels: int = 1
     exact: bool = False
     bound: bool = False
+    round_to: int = 1
 
     def __post_init__(self) -> None:
         if (self.keep is None) == (self.macs is None):
@@ -312,6 +318,19 @@ class MacsBudget:
             raise BudgetError(
                 'units = "branches" needs residual branches (models.Residual); the model has none.'
             )
+        if self.round_to < 1:
+            raise BudgetError(f"round_to must be at least 1 (1: any count), got {self.round_to}.")
+
+    def least(self, size: int) -> int:
+        """The fewest channels a group of ``size`` may keep: ``min_channels``, rounded up."""
+        r = self.round_to
+        return min(size, -(-max(self.min_channels, 1) // r) * r)
+
+    def allowed(self, size: int) -> np.ndarray:
+        """The counts a group of ``size`` may keep: multiples of ``round_to``, or all of them."""
+        r = self.round_to
+        counts = np.arange(0, size + 1)
+        return counts[((counts % r == 0) | (counts == size)) & (counts >= self.least(size))]
 
     @property
     def capacity(self) -> float:
@@ -321,9 +340,7 @@ class MacsBudget:
         """The fewest MACs the budget can reach (every group at its floor / no branch)."""
         if self.units == "branches":
             return self.structure.macs({}, {b.name: False for b in self.structure.branches})
-        return self.structure.macs(
-            {g.name: min(self.min_channels, g.size) for g in self.structure.groups}
-        )
+        return self.structure.macs({g.name: self.least(g.size) for g in self.structure.groups})
 
     def prunable(self, params: PyTree) -> list[bool]:
         return _flags(params, _member_leaves(self.structure))
@@ -404,8 +421,9 @@ class MacsBudget:
                 "with every residual branch removed"
                 if self.units == "branches"
                 else (
-                    f"with {self.min_channels} channel(s) left in every group (the layers that "
-                    "cannot be pruned cost the rest)"
+                    f"with {self.min_channels} channel(s) left in every group"
+                    + (f" (rounded up to a multiple of {self.round_to})" * (self.round_to > 1))
+                    + " (the layers that cannot be pruned cost the rest)"
                 )
             )
             raise BudgetError(
@@ -433,7 +451,10 @@ class MacsBudget:
             "min_channels": self.min_channels,
             "exact": self.exact,
             "bound": self.bound,
-        }
+        } | self._rounding()
+
+    def _rounding(self) -> dict[str, int]:
+        return {"round_to": self.round_to} if self.round_to > 1 else {}
 
 
 def energy_structure(structure: Structure, model: Any) -> Structure:
@@ -542,15 +563,19 @@ class ChannelEnergyBudget(MacsBudget):
         return self._figures(self.structure.macs_of(jax.tree.map(lambda x: x != 0, params)))
 
     def describe(self) -> dict[str, Any]:
-        return {
-            "type": "channel_energy",
-            "energy": self.capacity,
-            "dense_energy": self.structure.dense_macs,
-            "energy_fraction": self.capacity / self.structure.dense_macs,
-            "model": self.model.describe(),
-            "min_channels": self.min_channels,
-            "exact": self.exact,
-        } | ({} if self.fit is None else {"fit": dataclasses.asdict(self.fit)})
+        return (
+            {
+                "type": "channel_energy",
+                "energy": self.capacity,
+                "dense_energy": self.structure.dense_macs,
+                "energy_fraction": self.capacity / self.structure.dense_macs,
+                "model": self.model.describe(),
+                "min_channels": self.min_channels,
+                "exact": self.exact,
+            }
+            | self._rounding()
+            | ({} if self.fit is None else {"fit": dataclasses.asdict(self.fit)})
+        )
 
 
 def _sorted_desc(s: np.ndarray) -> np.ndarray:
@@ -583,9 +608,10 @@ class _MacsModel:
         rows, cols = self.parts(s)
         return float(np.sum(self.unit * rows * cols))
 
-    def trials(self, s: np.ndarray, step: int) -> np.ndarray:
-        """The MACs after changing each group's count by ``step`` (one entry per group)."""
+    def trials(self, s: np.ndarray, step: int | np.ndarray) -> np.ndarray:
+        """The MACs after changing group g's count by ``step[g]`` alone (one entry per group)."""
         rows, cols = self.parts(s)
+        step = np.broadcast_to(np.asarray(step, float), (len(self.names),))[None, :]
         r = rows[:, None] + step * self.per[:, None] * self.in_a
         c = cols[:, None] + step * self.in_b
         return np.sum(self.unit[:, None] * r * c, axis=0)
@@ -594,41 +620,63 @@ class _MacsModel:
 def _greedy_counts(budget: MacsBudget, scores: Mapping[str, np.ndarray]) -> dict[str, int]:
     """Counts per group by greedy removal, then add-back, under the MACs capacity.
 
-    Each step removes the weakest kept channel of the group whose energy per
-    MAC saved is smallest; when the network fits, channels whose addition
-    still fits are added back, best energy per MAC first.
+    Each step lowers the count of the group whose lost energy per MAC saved
+    is smallest to its next allowed count (one channel fewer, or the next
+    multiple of ``round_to``); when the network fits, the counts are raised
+    back while they still fit, best energy per MAC first.
     """
     st = budget.structure
     model = _MacsModel(st)
     sizes = np.array([g.size for g in st.groups])
-    order = [_sorted_desc(scores[n]) for n in model.names]
-    pad = np.full((len(order), int(sizes.max()) + 1), np.inf)
-    for i, o in enumerate(order):
+    width = int(sizes.max()) + 1
+    # pad[i, k]: group i's (k+1)-th best energy; one channel's change is read from it
+    # exactly, a change of several from the prefix sums
+    pad = np.zeros((len(sizes), width))
+    for i, n in enumerate(model.names):
+        o = _sorted_desc(scores[n])
         pad[i, : len(o)] = np.maximum(o, 0.0)
-    rows = np.arange(len(order))
-    s = sizes.astype(float).copy()
-    floor = np.minimum(budget.min_channels, sizes)
+    prefix = np.concatenate([np.zeros((len(sizes), 1)), np.cumsum(pad, axis=1)], axis=1)
+
+    def energy(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        """The energy of ranks lo..hi-1 of every group (prefix: of the top k)."""
+        one = pad[rows, np.clip(lo, 0, width - 1)]
+        return np.where(hi - lo == 1, one, prefix[rows, hi] - prefix[rows, np.maximum(lo, 0)])
+
+    rows = np.arange(len(sizes))
+    r = budget.round_to
+    floor = np.array([budget.least(int(n)) for n in sizes])
+    s = sizes.astype(np.int64).copy()
     cap = budget.capacity + 1e-9
-    macs = model.total(s)
+    macs = model.total(s.astype(float))
+
+    def lower(s: np.ndarray) -> np.ndarray:
+        return np.where(s % r == 0, s - r, s - s % r) if r > 1 else s - 1
+
+    def upper(s: np.ndarray) -> np.ndarray:
+        return np.minimum(s - s % r + r, sizes) if r > 1 else s + 1
+
     while macs > cap:
-        trial = model.trials(s, -1)
+        down = lower(s)
+        trial = model.trials(s.astype(float), down - s)
         saved = macs - trial
-        weakest = pad[rows, np.maximum(s.astype(int) - 1, 0)]
-        ratio = np.where((s > floor) & (saved > 0), weakest / np.where(saved > 0, saved, 1), np.inf)
+        lost = energy(down, s)
+        ok = (down >= floor) & (saved > 0)
+        ratio = np.where(ok, lost / np.where(saved > 0, saved, 1), np.inf)
         g = int(np.argmin(ratio))
         if not np.isfinite(ratio[g]):
             break
-        s[g] -= 1
+        s[g] = down[g]
         macs = float(trial[g])
-    while True:  # add back the best channel that still fits
-        trial = model.trials(s, +1)
-        nxt = pad[rows, np.minimum(s.astype(int), pad.shape[1] - 1)]
+    while True:  # raise the count whose gain per MAC is best while it still fits
+        up = upper(s)
+        trial = model.trials(s.astype(float), up - s)
+        gain = energy(s, up)
         ok = (s < sizes) & (trial <= cap)
-        ratio = np.where(ok, nxt / np.maximum(trial - macs, 1e-12), -np.inf)
+        ratio = np.where(ok, gain / np.maximum(trial - macs, 1e-12), -np.inf)
         g = int(np.argmax(ratio))
         if not ok[g]:
             break
-        s[g] += 1
+        s[g] = up[g]
         macs = float(trial[g])
     return {n: int(k) for n, k in zip(model.names, s, strict=True)}
 
@@ -714,9 +762,10 @@ def _exact_counts(
         r += na + nb
     A = coo_matrix((np.concatenate(vi), (np.concatenate(ri), np.concatenate(ci))), shape=(r, var))
     lb, ub = np.asarray(lb), np.asarray(ub)
-    upper = np.ones(var)
-    for g in groups:
-        upper[offsets[g.name] : offsets[g.name] + min(budget.min_channels, g.size)] = 0
+    upper = np.zeros(var)
+    upper[len(value) :] = 1.0
+    for g in groups:  # a group's count is one of its allowed ones
+        upper[offsets[g.name] + budget.allowed(g.size)] = 1.0
     integrality = np.zeros(var)
     integrality[: len(value)] = 1 if integral else 0
     res = milp(

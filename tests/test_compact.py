@@ -194,3 +194,36 @@ def test_compare_latency_reports_every_batch(pruned):
         assert all(math.isfinite(v) and v > 0 for v in row.values())
         assert row["speedup"] == pytest.approx(row["dense_seconds"] / row["compact_seconds"])
     assert latency(small_apply, small_params, x_of(2), repeats=1) > 0
+
+
+def test_compare_latency_times_each_convolution_form_and_picks_the_fastest(monkeypatch):
+    import admmprune.compact as compact_module
+    from admmprune.models import LeNet5
+
+    traced = []
+    real = compact_module.latency
+
+    def spy(apply, params, x, *, repeats=20):
+        traced.append(str(jax.make_jaxpr(apply)(params, x)))
+        return real(apply, params, x, repeats=repeats)
+
+    monkeypatch.setattr(compact_module, "latency", spy)
+    params, apply = split_nnx(LeNet5(nnx.Rngs(0)), train=False)
+    out = compare_latency(
+        (apply, params),
+        (apply, params),
+        (28, 28, 1),
+        batches=(2,),
+        repeats=1,
+        rounds=1,
+        impls=("im2col", "xla"),
+    )
+    assert set(out) == {"batch_2", "by_impl", "best"}
+    assert out["batch_2"] == out["by_impl"]["im2col"]["batch_2"]
+    # the first two timings trace im2col, the last two XLA's convolution
+    assert ["conv_general_dilated" in t for t in traced] == [False, False, True, True]
+    best = out["best"]["batch_2"]
+    runs = out["by_impl"]
+    assert best["dense_seconds"] == min(r["batch_2"]["dense_seconds"] for r in runs.values())
+    assert best["compact_seconds"] == min(r["batch_2"]["compact_seconds"] for r in runs.values())
+    assert best["speedup"] == pytest.approx(best["dense_seconds"] / best["compact_seconds"])

@@ -192,6 +192,25 @@ def test_conv_falls_back_to_flax_for_dilation():
     assert "conv_general_dilated" in str(jax.make_jaxpr(ours)(x))
 
 
+def test_conv_impl_xla_traces_xla_convolution_with_the_same_result():
+    from admmprune.models import Conv, conv_impl
+
+    conv = Conv(3, 4, (3, 3), strides=2, padding="SAME", rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 9, 9, 3)), jnp.float32)
+
+    def trace():  # a new function each time: a trace is cached per function
+        return str(jax.make_jaxpr(lambda x: conv(x))(x))
+
+    assert "conv_general_dilated" not in trace()
+    with conv_impl("xla"):
+        assert "conv_general_dilated" in trace()
+        xla = conv(x)
+    assert "conv_general_dilated" not in trace()  # reset on exit
+    np.testing.assert_allclose(xla, conv(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="im2col"), conv_impl("cudnn"):  # type: ignore[arg-type]
+        pass
+
+
 def test_residual_adds_its_branch_and_zero_removes_it():
     from admmprune.models import Residual, Zero
 

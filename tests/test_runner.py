@@ -35,7 +35,16 @@ def test_solve_with_a_macs_budget_writes_the_compact_network(tmp_path) -> None:
     c = report["compact"]
     assert c["compact_macs"] <= 0.25 * c["dense_macs"]
     assert c["compact_parameters"] < c["dense_parameters"]
-    assert set(c["latency"]) == {"batch_256", "batch_1"}
+    assert set(c["latency"]) == {"batch_256", "batch_1", "by_impl", "best"}
+    assert set(c["latency"]["by_impl"]) == {"im2col", "xla"}
+    assert c["latency"]["by_impl"]["im2col"]["batch_1"] == c["latency"]["batch_1"]
+    for bs in ("batch_256", "batch_1"):
+        best = c["latency"]["best"][bs]
+        for side in ("dense", "compact"):
+            impl = best[f"{side}_impl"]
+            fastest = min(v[bs][f"{side}_seconds"] for v in c["latency"]["by_impl"].values())
+            assert best[f"{side}_seconds"] == c["latency"]["by_impl"][impl][bs][f"{side}_seconds"]
+            assert best[f"{side}_seconds"] == fastest
     assert set(c["channels"]) == {"fc1/kernel", "fc2/kernel"}
     assert json.loads((tmp_path / "report.json").read_text())["compact"] == c
     # The saved compact network computes what the pruned network does.

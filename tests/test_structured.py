@@ -935,3 +935,76 @@ def test_fit_channel_energy_recovers_an_exactly_bilinear_energy():
     assert MacsEnergy().energy(s.masks(params, s.kept(projected.masks)[0])) <= budget.capacity
     with pytest.raises(BudgetError, match="use at least"):
         fit_channel_energy(s, MacsEnergy(), params, samples=3)
+
+
+# ---------------------------------------------------------------------------- round_to
+
+
+def brute_rounded(structure, energy, capacity, round_to, floor=1):
+    """brute_counts over the counts a rounded MacsBudget allows (multiples, or all)."""
+    names = [g.name for g in structure.groups]
+    ranked = {n: np.sort(np.asarray(energy[n], np.float64))[::-1] for n in names}
+    least = {g.name: min(g.size, -(-floor // round_to) * round_to) for g in structure.groups}
+    ranges = [
+        [k for k in range(least[g.name], g.size + 1) if k % round_to == 0 or k == g.size]
+        for g in structure.groups
+    ]
+    best, arg = -1.0, None
+    for counts in itertools.product(*ranges):
+        c = dict(zip(names, counts, strict=True))
+        if structure.macs(c) <= capacity:
+            v = sum(float(ranked[n][:k].sum()) for n, k in c.items())
+            if v > best:
+                best, arg = v, c
+    return best, arg
+
+
+@pytest.mark.parametrize("name", ["mlp", "mlp3", "conv", "residual"])
+@pytest.mark.parametrize("round_to", [2, 3])
+@pytest.mark.parametrize("t", [0.2, 0.5, 0.8])
+def test_macs_round_to_exact_is_brute_force_greedy_is_feasible(macs_problems, name, round_to, t):
+    s, params = macs_problems[name]
+    energy = s.scores(params)
+    for exact in (True, False):
+        budget = MacsBudget(s, keep=1.0, round_to=round_to, exact=exact)
+        floor = budget.floor()
+        budget = MacsBudget(
+            s, macs=floor + t * (s.dense_macs - floor), round_to=round_to, exact=exact
+        )
+        budget.check(params)
+        best, _ = brute_rounded(s, energy, budget.capacity, round_to)
+        keep = s.kept(budget.project(params).masks)[0]
+        counts = {k: int(v.sum()) for k, v in keep.items()}
+        sizes = {g.name: g.size for g in s.groups}
+        assert all(c % round_to == 0 or c == sizes[k] for k, c in counts.items()), counts
+        assert s.macs(counts) <= budget.capacity + 1e-9
+        value = kept_value(s, energy, keep)
+        if exact:
+            assert value == pytest.approx(best, rel=1e-6)
+        else:
+            assert value <= best * (1 + 1e-6)
+
+
+def test_macs_round_to_one_is_the_unrounded_budget(macs_problems):
+    s, params = macs_problems["conv"]
+    for keep in (0.3, 0.6):
+        a = MacsBudget(s, keep=keep).project(params).masks
+        b = MacsBudget(s, keep=keep, round_to=1).project(params).masks
+        assert all(
+            np.array_equal(x, y)
+            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+        )
+
+
+def test_macs_round_to_floor_and_errors(macs_problems):
+    s, params = macs_problems["conv"]  # conv1 5 channels, conv2 4
+    budget = MacsBudget(s, keep=1.0, round_to=4)
+    assert budget.least(5) == 4 and budget.least(3) == 3
+    assert list(budget.allowed(5)) == [4, 5]
+    assert budget.floor() == pytest.approx(s.macs({"conv1/kernel": 4, "conv2/kernel": 4}))
+    with pytest.raises(BudgetError, match="rounded up to a multiple of 4"):
+        MacsBudget(s, macs=budget.floor() - 1, round_to=4).check(params)
+    with pytest.raises(BudgetError, match="round_to must be at least 1"):
+        MacsBudget(s, keep=0.5, round_to=0)
+    assert MacsBudget(s, keep=0.5, round_to=4).describe()["round_to"] == 4
+    assert "round_to" not in MacsBudget(s, keep=0.5).describe()
