@@ -52,6 +52,29 @@ def test_targets_say_met_and_missed() -> None:
     assert not speed["met"]
 
 
+def test_speed_target_is_judged_in_each_form_when_both_were_timed() -> None:
+    row = _row("admm", 0.99, speed=3.0)  # im2col: 3.0x for 4x fewer MACs, met
+    row["latency"]["best"] = {
+        "batch_256": {"speedup": 1.5, "dense_impl": "xla", "compact_impl": "im2col"},
+        "batch_1": {"speedup": 1.1, "dense_impl": "xla", "compact_impl": "xla"},
+    }
+    speed = [t for t in check_targets([row]) if "0.7 x the MACs ratio" in t["target"]]
+    assert [t["met"] for t in speed] == [True, False]
+    assert "im2col convolution in both" in speed[0]["target"]
+    assert "dense xla, compact im2col" in speed[1]["target"] and "1.50x" in speed[1]["measured"]
+    text = markdown_table(
+        {
+            "date": "d",
+            "device": "cpu",
+            "command": "c",
+            "total_wall_seconds": 1.0,
+            "runs": [row],
+            "targets": [],
+        }
+    )
+    assert "| 3.00x / 1.20x | 1.50x / 1.10x |" in text
+
+
 def test_over_budget_is_reported_missed() -> None:
     rows = [_row("admm", 0.99, macs=700.0)]
     t = next(t for t in check_targets(rows) if "within the MACs budget" in t["target"])

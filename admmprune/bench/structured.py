@@ -336,16 +336,28 @@ def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 )
             )
         if admm is not None and admm.get("latency") and admm["model"] != "lenet300":
-            t = admm["latency"]["batch_256"]
             need = 0.7 * admm["macs_reduction"]
-            targets.append(
-                target(
-                    f"{name}: compact inference at batch 256 >= 0.7 x the MACs ratio faster",
-                    f"{t['speedup']:.2f}x faster for {admm['macs_reduction']:.2f}x fewer MACs "
-                    f"(needs {need:.2f}x)",
-                    t["speedup"] >= need,
+            forms = [("the library's im2col convolution in both", admm["latency"])]
+            if "best" in admm["latency"]:
+                best_forms = admm["latency"]["best"]["batch_256"]
+                forms.append(
+                    (
+                        f"the faster form of each (dense {best_forms['dense_impl']}, compact "
+                        f"{best_forms['compact_impl']})",
+                        admm["latency"]["best"],
+                    )
                 )
-            )
+            for how, lat in forms:
+                t = lat["batch_256"]
+                targets.append(
+                    target(
+                        f"{name}: compact inference at batch 256 >= 0.7 x the MACs ratio faster, "
+                        f"{how}",
+                        f"{t['speedup']:.2f}x faster for {admm['macs_reduction']:.2f}x fewer MACs "
+                        f"(needs {need:.2f}x)",
+                        t["speedup"] >= need,
+                    )
+                )
     return targets
 
 
@@ -355,8 +367,8 @@ def markdown_table(results: dict[str, Any]) -> str:
         measured_line(results),
         "",
         "| row | method | test error | MACs (reduction) | params | epochs | "
-        "batch 256 / batch 1 speedup |",
-        "|---|---|---|---|---|---|---|",
+        "batch 256 / batch 1 speedup, im2col | the same, faster form of each |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     seen = set()
     for r in results["runs"]:
@@ -364,23 +376,27 @@ def markdown_table(results: dict[str, Any]) -> str:
             seen.add(r["row"])
             lines.append(
                 f"| {r['row']} | dense | {1 - r.get('dense_test_accuracy', float('nan')):.2%} "
-                f"| {r.get('dense_macs', '')} | {r.get('dense_parameters', '')} | 20 | |"
+                f"| {r.get('dense_macs', '')} | {r.get('dense_parameters', '')} "
+                f"| {r.get('dense_epochs', '')} | | |"
             )
         macs = (
             f"{r['compact_macs']:.0f} ({r['macs_reduction']:.2f}x)"
             if "compact_macs" in r
             else f"{r.get('kept_fraction', 0):.1%} of weights"
         )
-        speed = ""
+        speed = best = ""
         if r.get("latency"):
-            speed = (
-                f"{r['latency']['batch_256']['speedup']:.2f}x / "
-                f"{r['latency']['batch_1']['speedup']:.2f}x"
-            )
+            lat = r["latency"]
+            speed = f"{lat['batch_256']['speedup']:.2f}x / {lat['batch_1']['speedup']:.2f}x"
+            if "best" in lat:
+                best = (
+                    f"{lat['best']['batch_256']['speedup']:.2f}x / "
+                    f"{lat['best']['batch_1']['speedup']:.2f}x"
+                )
         epochs = f"{r['dense_epochs']} + {r['epochs']}" if r["dense_epochs"] else f"{r['epochs']}"
         lines.append(
             f"| {r['row']} | {NAMES.get(r['method'], r['method'])} | {r['test_error']:.2%} | "
-            f"{macs} | {r.get('compact_parameters', '')} | {epochs} | {speed} |"
+            f"{macs} | {r.get('compact_parameters', '')} | {epochs} | {speed} | {best} |"
         )
     lines += targets_table(results["targets"])
     return "\n".join(lines) + "\n"
